@@ -1,0 +1,32 @@
+"""Score a submission against a solution with a competition's official metric.
+
+python src/score.py --task lumbar SOLUTION.csv SUBMISSION.csv
+
+Lumbar solution: row_id, normal_mild, moderate, severe (one-hot), optional sample_weight.
+Cervical solution: row_id, fractured (0/1). Solution rows without a label are not scored.
+"""
+
+import argparse
+
+import pandas as pd
+
+from spine.report import print_summary
+from spine.tasks import TASKS, get_task
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("solution")
+    parser.add_argument("submission")
+    args = parser.parse_args(argv)
+    task = get_task(args.task)
+    scores = task.score(pd.read_csv(args.solution), pd.read_csv(args.submission))
+    print_summary(f"{args.task} score (lower is better)", {k: round(v, 6) for k, v in scores.items()})
+    return scores
+
+
+if __name__ == "__main__":
+    main()

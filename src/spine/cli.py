@@ -1,0 +1,26 @@
+"""What every numbered stage script shares: argument parsing, config loading, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from omegaconf import DictConfig
+
+from .config import load_config
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def parse_stage_args(description: str, argv=None) -> DictConfig:
+    """``--config FILE [key=value ...]`` → the resolved config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/lumbar/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data_dir=/data out_dir=/tmp/x")
+    args = parser.parse_args(argv)
+    setup_logging()
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,85 @@
+"""One config system for every stage: defaults -> task -> experiment -> command line.
+
+A YAML file may name parents with ``inherit:`` (a path relative to that file, or a list of them);
+parents are merged first, the child wins. Command-line overrides are dotted ``key=value`` pairs and
+may only set keys that exist: an unknown key is an error, never silently ignored. Every load builds
+fresh objects, so no experiment can change another's defaults.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .io import save_text
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_chain(path: Path, seen: tuple = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config inheritance loops through {path}")
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    cfg = OmegaConf.load(path)
+    parents = cfg.pop("inherit", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _load_chain(path.parent / parent, seen + (path,)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def load_config(path, overrides=()) -> DictConfig:
+    """Load a YAML config with its parents and apply dotted ``key=value`` overrides.
+
+    ``exp`` defaults to the file's stem. Missing mandatory values (``???``) raise, naming the key.
+    """
+    path = Path(path)
+    cfg = _load_chain(path)
+    if cfg.get("exp") is None:
+        cfg.exp = path.stem
+    OmegaConf.set_struct(cfg, True)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            raise KeyError(f"unknown config key {key!r} in override {item!r} (config {path})")
+        cfg.merge_with_dotlist([item])
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"config {path} leaves required keys unset: {missing}")
+    from .tasks import get_task
+
+    get_task(cfg.task)  # fail early on an unknown task
+    return cfg
+
+
+def git_commit() -> str:
+    """The repo's current commit (with '-dirty' when there are uncommitted changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_config(cfg: DictConfig, folder: Path) -> Path:
+    """Write the resolved config and the git commit as ``config.yaml`` in ``folder``."""
+    text = f"# git commit: {git_commit()}\n" + OmegaConf.to_yaml(cfg, resolve=True)
+    path = Path(folder) / "config.yaml"
+    save_text(path, text)
+    return path

@@ -1,0 +1,83 @@
+"""The interface every competition implements, so the stages stay generic."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EPS = np.finfo(np.float64).eps
+
+
+class Task(ABC):
+    """What differs between competitions: targets, row ids, labels, metric, series layout."""
+
+    name: str
+    slug: str  # the Kaggle competition slug, also the default folder name under input/
+    pred_columns: list[str]  # submission columns after row_id
+
+    @abstractmethod
+    def row_ids(self, study_ids) -> list[str]:
+        """Submission row ids of the given studies, in sample_submission order."""
+
+    @abstractmethod
+    def parse_row_id(self, row_id: str) -> dict:
+        """Split a row id into its parts (study_id and the target's parts)."""
+
+    @abstractmethod
+    def solution_from_train(self, train: pd.DataFrame) -> pd.DataFrame:
+        """Solution table (row_id, pred_columns..., sample_weight) from the train label file.
+
+        Rows without a label are left out: they are not scored.
+        """
+
+    @abstractmethod
+    def score(self, solution: pd.DataFrame, submission: pd.DataFrame) -> dict[str, float]:
+        """Official metric. Returns {'score': ..., <part>: ...}; lower is better."""
+
+    @abstractmethod
+    def list_series(self, data_dir: Path, split: str) -> pd.DataFrame:
+        """Series to read for ``split`` ('train' or 'test'): study_id, series_id, description, folder.
+
+        Only series listed by the competition files (or found on disk, where the competition lists
+        none) are returned; ``folder`` may not exist (a missing series), which the caller reports.
+        """
+
+    def align(self, solution: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
+        """Submission rows in the solution's order; a clear error names missing row ids."""
+        sub = submission.drop_duplicates("row_id").set_index("row_id")
+        missing = solution["row_id"][~solution["row_id"].isin(sub.index)]
+        if len(missing):
+            raise ValueError(
+                f"submission lacks {len(missing)} row ids of the solution, e.g. {missing.iloc[0]!r}"
+            )
+        cols = [c for c in self.pred_columns if c not in sub.columns]
+        if cols:
+            raise ValueError(f"submission lacks columns {cols}; expected {self.pred_columns}")
+        out = sub.loc[solution["row_id"].to_numpy(), self.pred_columns].astype(np.float64)
+        if not np.isfinite(out.to_numpy()).all():
+            raise ValueError("submission holds non-finite probabilities")
+        return out.reset_index()
+
+
+def weighted_log_loss(y_onehot: np.ndarray, p: np.ndarray, w: np.ndarray) -> float:
+    """Sample-weighted multiclass log loss, as sklearn.metrics.log_loss computes it.
+
+    Prediction rows are normalized to sum 1, then clipped to [eps, 1 - eps] with eps the float64
+    machine epsilon, before the log; the loss is sum(w * -log p_true) / sum(w).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum(1, keepdims=True)
+    p = np.clip(p, EPS, 1 - EPS)
+    per_row = -(np.asarray(y_onehot, dtype=np.float64) * np.log(p)).sum(1)
+    w = np.asarray(w, dtype=np.float64)
+    return float((w * per_row).sum() / w.sum())
+
+
+def binary_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-row binary log loss with p clipped to [eps, 1 - eps]."""
+    p = np.clip(np.asarray(p, dtype=np.float64), EPS, 1 - EPS)
+    y = np.asarray(y, dtype=np.float64)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
