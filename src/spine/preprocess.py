@@ -89,30 +89,25 @@ def _narrow(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def _assemble(pixels: list, idx: list[int]) -> np.ndarray:
+    """Stack slices ``idx`` into one volume, releasing each slice as it is copied (peak ~ one volume)."""
+    dtype = np.int16 if all(pixels[i].dtype == np.int16 for i in idx) else np.float32
+    vol = np.empty((len(idx), *pixels[idx[0]].shape), dtype=dtype)
+    for k, i in enumerate(idx):
+        vol[k] = pixels[i]
+        pixels[i] = None
+    return vol
+
+
 def cache_series(job: SeriesJob, paths: Paths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode, order and save one series. Returns (stack rows, instance rows); errors are rows too."""
     folder = Path(job.folder)
     files = _files(folder) if folder.is_dir() else []
     base = {"split": job.split, "study_id": job.study_id, "series_id": job.series_id}
+    pixels, metas, ok_files, rows = [], [], [], []
     if not files:
         why = "missing series folder" if not folder.is_dir() else "no .dcm files in series folder"
-        series = pd.DataFrame(
-            [
-                {
-                    **base,
-                    "description": job.description,
-                    "stack": -1,
-                    "status": why,
-                    "n_files": 0,
-                    "n_failed": 0,
-                }
-            ]
-        )
-        inst = pd.DataFrame([{**base, "file": str(folder), "status": why}])
-        _save_series(paths, job, series, inst)
-        return series, inst
-
-    pixels, metas, ok_files, rows = [], [], [], []
+        rows.append({**base, "file": str(folder), "status": why})
     for f in files:
         try:
             px, meta = read_instance(f)
@@ -123,24 +118,22 @@ def cache_series(job: SeriesJob, paths: Paths) -> tuple[pd.DataFrame, pd.DataFra
         pixels.append(_narrow(px))
         metas.append(meta)
         ok_files.append(f)
-    stacks = group_stacks(metas) if metas else []
+
     series_rows = []
-    for s, idx in enumerate(stacks):
-        vol = np.stack([pixels[i] for i in idx])
-        if vol.dtype != np.int16:
-            vol = vol.astype(np.float32)
+    for s, idx in enumerate(group_stacks(metas) if metas else []):
+        vol = _assemble(pixels, idx)
         save_npy(paths.volume(job.split, job.study_id, job.series_id, s), vol)
-        for k, i in enumerate(idx):
-            rows.append(
-                {
-                    **base,
-                    "file": str(ok_files[i]),
-                    "status": "ok",
-                    **_instance_columns(metas[i]),
-                    "stack": s,
-                    "index": k,
-                }
-            )
+        rows += [
+            {
+                **base,
+                "file": str(ok_files[i]),
+                "status": "ok",
+                **_instance_columns(metas[i]),
+                "stack": s,
+                "index": k,
+            }
+            for k, i in enumerate(idx)
+        ]
         series_rows.append(
             {
                 **base,
@@ -150,14 +143,14 @@ def cache_series(job: SeriesJob, paths: Paths) -> tuple[pd.DataFrame, pd.DataFra
                 **_stack_columns(metas, idx, vol, paths, job, s),
             }
         )
-    n_failed = sum(r["status"] != "ok" for r in rows)
-    if not series_rows:
-        series_rows = [
-            {**base, "description": job.description, "stack": -1, "status": "no readable instance"}
-        ]
+    if not series_rows:  # nothing readable: the series still gets a row that says why
+        status = rows[0]["status"] if not files else "no readable instance"
+        series_rows = [{**base, "description": job.description, "stack": -1, "status": status}]
+    n_failed = sum(r["status"] != "ok" for r in rows) if files else 0
     series = pd.DataFrame(series_rows).assign(n_files=len(files), n_failed=n_failed)
     inst = pd.DataFrame(rows)
-    _save_series(paths, job, series, inst)
+    save_table(paths.series_instances(job.split, job.study_id, job.series_id), inst)
+    save_table(paths.series_done(job.split, job.study_id, job.series_id), series)  # last: marks done
     return series, inst
 
 
@@ -194,11 +187,6 @@ def _stack_columns(metas, idx, vol, paths: Paths, job: SeriesJob, s: int) -> dic
         "dtype": str(vol.dtype),
         "path": str(paths.volume(job.split, job.study_id, job.series_id, s).relative_to(paths.cache_dir)),
     }
-
-
-def _save_series(paths: Paths, job: SeriesJob, series: pd.DataFrame, inst: pd.DataFrame) -> None:
-    save_table(paths.series_instances(job.split, job.study_id, job.series_id), inst)
-    save_table(paths.series_done(job.split, job.study_id, job.series_id), series)  # last: marks done
 
 
 def _fingerprint(jobs: list[SeriesJob], data_dir: Path) -> str:
