@@ -48,6 +48,15 @@ def _args(argv):
     return args
 
 
+def _scores(summary: dict) -> dict:
+    """'test score, bayes' → value, from the generator's summary."""
+    return {
+        f"{split} score, {who}": round(parts[who]["score"], 4)
+        for split, parts in summary.get("scores", {}).items()
+        for who in ("prior", "bayes")
+    }
+
+
 def main(argv=None) -> dict:
     args = _args(argv)
     setup_logging()
@@ -69,7 +78,7 @@ def main(argv=None) -> dict:
     flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     print_summary(
         f"stage 00 {args.task} demo data ({time.perf_counter() - t0:.1f}s)",
-        {"data": args.out, "truth": str(truth_dir(args.out)), **flat},
+        {"data": args.out, "truth": str(truth_dir(args.out)), **flat, **_scores(summary)},
     )
     return summary
 

@@ -129,7 +129,7 @@ def test_preprocess_lumbar_layout(lumbar_dir, tmp_path):
     assert missing.status == "missing series folder" and missing.stack == -1
     failures = pd.read_csv(paths.failure_table)
     assert {f.split("/")[-1] for f in failures.file} == {"6.dcm", "12"}
-    assert "unreadable DICOM" in failures[failures.file.str.endswith("6.dcm")].status.iloc[0]
+    assert "re-download" in failures[failures.file.str.endswith("6.dcm")].status.iloc[0]
     assert summary["failures"] == 2 and summary["images"] == 5 + 5 + 2
     assert (paths.cache_dir / "source.txt").exists()
 
@@ -196,7 +196,7 @@ def test_resume_after_interruption(lumbar_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_preprocess(cfg)
     assert not list(paths.cache_dir.rglob("*.tmp"))
-    done = list(paths.cache_dir.rglob("*.series.parquet"))
+    done = list(paths.cache_dir.rglob("*.done.json"))
     assert len(done) <= 1  # the interrupted series has no done-marker
 
     monkeypatch.setattr(pre, "save_npy", real_save)

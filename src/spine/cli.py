@@ -11,6 +11,8 @@ from .config import load_config
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """Console logging for stage scripts; chatty third-party codecs are kept to warnings."""
+    logging.getLogger("openjpeg").setLevel(logging.WARNING)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -21,7 +21,15 @@ def _as_iop(iop) -> tuple[np.ndarray, np.ndarray]:
 def slice_normal(iop) -> np.ndarray:
     """Unit normal of the plane(s) given by IOP, shape (..., 3)."""
     r, c = _as_iop(iop)
-    n = np.cross(r, c)
+    # written out: np.cross costs ~50 us on 3-vectors, and stage 01 calls this per stack
+    n = np.stack(
+        [
+            r[..., 1] * c[..., 2] - r[..., 2] * c[..., 1],
+            r[..., 2] * c[..., 0] - r[..., 0] * c[..., 2],
+            r[..., 0] * c[..., 1] - r[..., 1] * c[..., 0],
+        ],
+        axis=-1,
+    )
     return n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 

@@ -43,12 +43,8 @@ class Paths:
         return self.cache_dir / split / str(study_id) / f"{series_id}_{stack}.npy"
 
     def series_done(self, split: str, study_id, series_id) -> Path:
-        """Per-series table of stacks; its presence marks the series as done (written last, atomically)."""
-        return self.cache_dir / split / str(study_id) / f"{series_id}.series.parquet"
-
-    def series_instances(self, split: str, study_id, series_id) -> Path:
-        """Per-series table of instances (failed ones included, with their error)."""
-        return self.cache_dir / split / str(study_id) / f"{series_id}.instances.parquet"
+        """Per-series stacks and instances (JSON); its presence marks the series as done."""
+        return self.cache_dir / split / str(study_id) / f"{series_id}.done.json"
 
     @property
     def series_table(self) -> Path:

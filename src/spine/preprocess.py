@@ -10,6 +10,7 @@ table is complete: a rerun skips it, and an interrupted run leaves no partial fi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -58,8 +59,8 @@ def _stack_key(meta: dict) -> tuple:
     return (
         meta["rows"],
         meta["cols"],
-        tuple(np.round(meta["iop"], 3)),
-        tuple(np.round(meta["pixel_spacing"], 4)),
+        *(round(v, 3) for v in meta["iop"]),
+        *(round(v, 4) for v in meta["pixel_spacing"]),
     )
 
 
@@ -81,14 +82,6 @@ def group_stacks(metas: list[dict]) -> list[list[int]]:
     return sorted(stacks, key=lambda s: float(np.mean([np.dot(metas[i]["ipp"], normal) for i in s])))
 
 
-def _narrow(pixels: np.ndarray) -> np.ndarray:
-    """int16 when the values are whole numbers in its range (CT HU, most MR), else float32."""
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if lo >= -32768 and hi <= 32767 and np.array_equal(pixels, np.round(pixels)):
-        return pixels.astype(np.int16)
-    return pixels
-
-
 def _assemble(pixels: list, idx: list[int]) -> np.ndarray:
     """Stack slices ``idx`` into one volume, releasing each slice as it is copied (peak ~ one volume)."""
     dtype = np.int16 if all(pixels[i].dtype == np.int16 for i in idx) else np.float32
@@ -99,7 +92,7 @@ def _assemble(pixels: list, idx: list[int]) -> np.ndarray:
     return vol
 
 
-def cache_series(job: SeriesJob, paths: Paths) -> tuple[pd.DataFrame, pd.DataFrame]:
+def cache_series(job: SeriesJob, paths: Paths) -> tuple[list[dict], list[dict]]:
     """Decode, order and save one series. Returns (stack rows, instance rows); errors are rows too."""
     folder = Path(job.folder)
     files = _files(folder) if folder.is_dir() else []
@@ -115,7 +108,7 @@ def cache_series(job: SeriesJob, paths: Paths) -> tuple[pd.DataFrame, pd.DataFra
             log.warning("skipped %s", e)
             rows.append({**base, "file": str(f), "status": str(e)})
             continue
-        pixels.append(_narrow(px))
+        pixels.append(px)
         metas.append(meta)
         ok_files.append(f)
 
@@ -147,11 +140,17 @@ def cache_series(job: SeriesJob, paths: Paths) -> tuple[pd.DataFrame, pd.DataFra
         status = rows[0]["status"] if not files else "no readable instance"
         series_rows = [{**base, "description": job.description, "stack": -1, "status": status}]
     n_failed = sum(r["status"] != "ok" for r in rows) if files else 0
-    series = pd.DataFrame(series_rows).assign(n_files=len(files), n_failed=n_failed)
-    inst = pd.DataFrame(rows)
-    save_table(paths.series_instances(job.split, job.study_id, job.series_id), inst)
-    save_table(paths.series_done(job.split, job.study_id, job.series_id), series)  # last: marks done
-    return series, inst
+    for r in series_rows:
+        r.update(n_files=len(files), n_failed=n_failed)
+    # written last and atomically: its presence means every volume of the series is on disk
+    done = json.dumps({"stacks": series_rows, "instances": rows}, default=_plain)
+    save_text(paths.series_done(job.split, job.study_id, job.series_id), done)
+    return series_rows, rows
+
+
+def _plain(value):
+    """JSON fallback for numpy scalars."""
+    return value.item()
 
 
 def _instance_columns(m: dict) -> dict:
@@ -219,12 +218,13 @@ def _first_per_split(jobs: list[SeriesJob], n: int) -> list[SeriesJob]:
     return keep
 
 
-def _work(args):
+def _work(args) -> int:
+    """Cache one series unless done; returns the images decoded (the records stay on disk)."""
     job, paths, done = args
     if done:
-        return job, None, None
-    series, inst = cache_series(job, paths)
-    return job, series, inst
+        return 0
+    _, inst = cache_series(job, paths)
+    return sum(r["status"] == "ok" for r in inst)
 
 
 def run_preprocess(cfg) -> dict:
@@ -247,9 +247,8 @@ def run_preprocess(cfg) -> dict:
     t0, n_images = time.perf_counter(), 0
     bar = tqdm(total=len(jobs), desc="preprocess", unit="series")
     with _pool(workers, n_new) as pool:
-        for _, _, inst in pool(_work, todo):
-            if inst is not None:
-                n_images += int((inst["status"] == "ok").sum())
+        for n in pool(_work, todo):
+            n_images += n
             bar.update()
             bar.set_postfix(images=n_images)
     bar.close()
@@ -277,12 +276,13 @@ class _pool:
 
     def __init__(self, workers: int, n_tasks: int):
         self.workers = max(1, min(workers, n_tasks))
+        self.chunksize = max(1, n_tasks // (self.workers * 16))  # fewer round trips for many small tasks
         self.pool = None
 
     def __enter__(self):
         if self.workers > 1:
             self.pool = get_context("fork" if os.name == "posix" else "spawn").Pool(self.workers)
-            return lambda fn, items: self.pool.imap_unordered(fn, items, chunksize=1)
+            return lambda fn, items: self.pool.imap_unordered(fn, items, chunksize=self.chunksize)
         return lambda fn, items: map(fn, items)
 
     def __exit__(self, *exc):
@@ -292,15 +292,13 @@ class _pool:
 
 
 def _merge_tables(paths: Paths, jobs: list[SeriesJob]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Concatenate the per-series tables into series.parquet and instances.parquet."""
-    series = pd.concat(
-        [pd.read_parquet(paths.series_done(j.split, j.study_id, j.series_id)) for j in jobs],
-        ignore_index=True,
-    )
-    inst = pd.concat(
-        [pd.read_parquet(paths.series_instances(j.split, j.study_id, j.series_id)) for j in jobs],
-        ignore_index=True,
-    )
+    """Concatenate the per-series records into series.parquet and instances.parquet."""
+    stacks, instances = [], []
+    for j in jobs:
+        done = json.loads(paths.series_done(j.split, j.study_id, j.series_id).read_text())
+        stacks += done["stacks"]
+        instances += done["instances"]
+    series, inst = pd.DataFrame(stacks), pd.DataFrame(instances)
     save_table(paths.series_table, series)
     save_table(paths.instance_table, inst)
     return series, inst

@@ -96,7 +96,9 @@ def write_slice(
 
     ts = SYNTAXES[syntax]
     if ts.is_compressed:
-        ds.compress(ts, arr, encoding_plugin="pylibjpeg" if syntax == "rle" else "")
+        ds.compress(
+            ts, arr, encoding_plugin="pylibjpeg" if syntax == "rle" else "", generate_instance_uid=False
+        )
     else:
         ds.PixelData = arr.tobytes()
         ds.file_meta.TransferSyntaxUID = ts
