@@ -14,6 +14,15 @@ def truth_dir(data_dir: Path) -> Path:
     return data_dir.parent / f"{data_dir.name}_truth"
 
 
+def require(path: Path, stage: str) -> Path:
+    """``path`` if it exists, else a clear error naming the stage that makes it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(
+            f"{path} is missing: run `python src/{stage}.py` first with the same config (data_dir, out_dir)"
+        )
+    return Path(path)
+
+
 class Paths:
     """Artifact layout under ``out_dir`` for one task and experiment.
 
@@ -63,10 +72,53 @@ class Paths:
         """Records which data_dir the cache was built from, so a mix-up is caught."""
         return self.cache_dir / "source.txt"
 
-    # Later stages
+    # Stage 02: localization (one table for all studies: OOF for train, fold mean for test)
     @property
     def folds(self) -> Path:
+        """Study folds shared by every model of the task (localizer and classifiers alike)."""
         return self.out_dir / "folds" / f"{self.task}.csv"
+
+    @property
+    def localize_dir(self) -> Path:
+        return self.out_dir / "localize" / self.task
+
+    def localizer_checkpoint(self, series_kind: str, fold: int, seed: int) -> Path:
+        return self.out_dir / "models" / self.task / "localizer" / f"{series_kind}_fold{fold}_seed{seed}.pt"
+
+    def localizer_predictions(self, series_kind: str, fold: int) -> Path:
+        """One fold's predictions (its held-out train studies and every test study); marks the fold done."""
+        return self.localize_dir / "folds" / f"{series_kind}_fold{fold}.csv"
+
+    @property
+    def points(self) -> Path:
+        return self.localize_dir / "points.csv"
+
+    @property
+    def localize_report(self) -> Path:
+        return self.localize_dir / "report.json"
+
+    # Stage 03: crops
+    @property
+    def crop_dir(self) -> Path:
+        return self.out_dir / "crops" / self.task
+
+    def crop_array(self, split: str, study_id, view: str) -> Path:
+        """(rows, slices, pixels, pixels) float16 crops of one study and view ('sag' or 'ax')."""
+        return self.crop_dir / split / f"{study_id}_{view}.npy"
+
+    def crop_study_manifest(self, split: str, study_id) -> Path:
+        """Per-study manifest rows; written last, so its presence marks the study done."""
+        return self.crop_dir / split / f"{study_id}.manifest.json"
+
+    @property
+    def crop_manifest(self) -> Path:
+        return self.crop_dir / "manifest.parquet"
+
+    @property
+    def crop_report(self) -> Path:
+        return self.crop_dir / "report.json"
+
+    # Stages 04-06
 
     @property
     def model_dir(self) -> Path:

@@ -12,11 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from tqdm import tqdm
 from . import geometry
 from .dicom import DicomError, read_instance
 from .io import save_npy, save_table, save_text
+from .parallel import resolve_workers, worker_pool
 from .paths import Paths
 from .tasks import get_task
 
@@ -236,7 +235,7 @@ def run_preprocess(cfg) -> dict:
         jobs = _first_per_split(jobs, int(cfg.preprocess.limit))
     todo = [(j, paths, paths.series_done(j.split, j.study_id, j.series_id).exists()) for j in jobs]
     n_new = sum(not done for _, _, done in todo)
-    workers = int(cfg.num_workers) or os.cpu_count() or 1
+    workers = resolve_workers(cfg.num_workers)
     log.info(
         "stage 01: %d series (%d to decode, %d cached) with %d workers",
         len(jobs),
@@ -246,7 +245,7 @@ def run_preprocess(cfg) -> dict:
     )
     t0, n_images = time.perf_counter(), 0
     bar = tqdm(total=len(jobs), desc="preprocess", unit="series")
-    with _pool(workers, n_new) as pool:
+    with worker_pool(workers, n_new) as pool:
         for n in pool(_work, todo):
             n_images += n
             bar.update()
@@ -271,26 +270,6 @@ def run_preprocess(cfg) -> dict:
     return summary
 
 
-class _pool:
-    """``with _pool(n, todo) as run: run(fn, items)``: a process pool, or a plain loop for 1 worker."""
-
-    def __init__(self, workers: int, n_tasks: int):
-        self.workers = max(1, min(workers, n_tasks))
-        self.chunksize = max(1, n_tasks // (self.workers * 16))  # fewer round trips for many small tasks
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers > 1:
-            self.pool = get_context("fork" if os.name == "posix" else "spawn").Pool(self.workers)
-            return lambda fn, items: self.pool.imap_unordered(fn, items, chunksize=self.chunksize)
-        return lambda fn, items: map(fn, items)
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.close() if exc[0] is None else self.pool.terminate()
-            self.pool.join()
-
-
 def _merge_tables(paths: Paths, jobs: list[SeriesJob]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Concatenate the per-series records into series.parquet and instances.parquet."""
     stacks, instances = [], []
@@ -299,6 +278,9 @@ def _merge_tables(paths: Paths, jobs: list[SeriesJob]) -> tuple[pd.DataFrame, pd
         stacks += done["stacks"]
         instances += done["instances"]
     series, inst = pd.DataFrame(stacks), pd.DataFrame(instances)
+    for col in ("instance_number", "rows", "cols", "stack", "index"):  # NaN on failed rows: keep ints
+        if col in inst:
+            inst[col] = inst[col].astype("Int64")
     save_table(paths.series_table, series)
     save_table(paths.instance_table, inst)
     return series, inst

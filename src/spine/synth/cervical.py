@@ -46,9 +46,15 @@ NAMES = [*VERTEBRAE, "T1", "T2", "T3"]  # mask labels 1..10 (the real masks use 
 HU_AIR, HU_FAT, HU_SOFT, HU_CSF, HU_DISC = -1000.0, -100.0, 40.0, 20.0, 80.0
 # (LR half-width a, AP half-depth b, half-height h, disc gap above) in mm, before per-study jitter
 BODY_DIMS = {
-    "C2": (9.0, 8.0, 7.5, 0.0), "C3": (8.5, 7.5, 6.5, 4.5), "C4": (9.0, 7.5, 6.5, 5.0),
-    "C5": (9.5, 8.0, 6.5, 5.0), "C6": (10.0, 8.0, 7.0, 5.0), "C7": (11.0, 8.5, 7.5, 5.0),
-    "T1": (12.0, 9.0, 8.0, 5.0), "T2": (12.5, 10.0, 8.5, 5.0), "T3": (13.0, 11.0, 9.0, 5.0),
+    "C2": (9.0, 8.0, 7.5, 0.0),
+    "C3": (8.5, 7.5, 6.5, 4.5),
+    "C4": (9.0, 7.5, 6.5, 5.0),
+    "C5": (9.5, 8.0, 6.5, 5.0),
+    "C6": (10.0, 8.0, 7.0, 5.0),
+    "C7": (11.0, 8.5, 7.5, 5.0),
+    "T1": (12.0, 9.0, 8.0, 5.0),
+    "T2": (12.5, 10.0, 8.5, 5.0),
+    "T3": (13.0, 11.0, 9.0, 5.0),
 }
 SPINOUS_LEN = {"C2": 14.0, "C7": 20.0, "T1": 22.0, "T2": 22.0, "T3": 22.0}  # others 11 mm
 STORAGES = {  # name -> (dtype, RescaleIntercept); HU = stored * 1 + intercept
@@ -203,8 +209,10 @@ def plan_studies(seed: int, n_train: int, n_test: int) -> list[StudyPlan]:
     plans = []
     for split, n, offset in (("train", n_train, 0), ("test", n_test, n_train)):
         labels = _draw_split_labels(rng, n, need_signal=split == "train")
-        split_plans = [StudyPlan(make_uid(numbers[offset + i]), split, i, frac, vis)
-                       for i, (frac, vis) in enumerate(labels)]
+        split_plans = [
+            StudyPlan(make_uid(numbers[offset + i]), split, i, frac, vis)
+            for i, (frac, vis) in enumerate(labels)
+        ]
         _assign_quirks(rng, split_plans)
         if split == "train":
             _assign_train_extras(rng, split_plans)
@@ -282,9 +290,17 @@ def _axis_rotation(axis: dict[str, float], z: float, twist_deg: float) -> np.nda
 def _atlas_dims(rng, s: float) -> dict[str, float]:
     j = lambda: s * rng.uniform(0.94, 1.06)  # noqa: E731 - one jitter factor per size
     return {
-        "ri_lr": 14.0 * j(), "ri_ap": 14.0 * j(), "ring": 4.0 * j(), "ring_h": 3.5 * j(),
-        "lm_u": 14.5 * j(), "lm_v": -3.0 * j(), "lm_ru": 5.5 * j(), "lm_rv": 8.0 * j(), "lm_h": 6.5 * j(),
-        "tp": 10.0 * j(), "shell": 1.5,
+        "ri_lr": 14.0 * j(),
+        "ri_ap": 14.0 * j(),
+        "ring": 4.0 * j(),
+        "ring_h": 3.5 * j(),
+        "lm_u": 14.5 * j(),
+        "lm_v": -3.0 * j(),
+        "lm_ru": 5.5 * j(),
+        "lm_rv": 8.0 * j(),
+        "lm_h": 6.5 * j(),
+        "tp": 10.0 * j(),
+        "shell": 1.5,
     }
 
 
@@ -293,9 +309,16 @@ def _typical_dims(rng, name: str, s: float) -> dict[str, float]:
     j = lambda: s * rng.uniform(0.93, 1.07)  # noqa: E731
     cervical = name.startswith("C")
     d = {
-        "a": a * j(), "b": b * j(), "h": h * j(), "gap": gap * j(), "shell": 1.5,
-        "rc_lr": (11.0 if cervical else 8.0) * j(), "rc_ap": 7.0 * j(), "th": 3.5 * j(),
-        "spin": SPINOUS_LEN.get(name, 11.0) * j(), "tp": (9.0 if cervical else 14.0) * j(),
+        "a": a * j(),
+        "b": b * j(),
+        "h": h * j(),
+        "gap": gap * j(),
+        "shell": 1.5,
+        "rc_lr": (11.0 if cervical else 8.0) * j(),
+        "rc_ap": 7.0 * j(),
+        "th": 3.5 * j(),
+        "spin": SPINOUS_LEN.get(name, 11.0) * j(),
+        "tp": (9.0 if cervical else 14.0) * j(),
     }
     d["ha"] = 0.6 * d["h"]
     if name == "C2":
@@ -329,8 +352,13 @@ def _make_cleft(rng, name: str, d: dict[str, float], pixel: float) -> Cleft:
         p0 = np.array([ru * np.cos(psi), rv * np.sin(psi), 0.0])
         tangent, radius = np.array([-ru * np.sin(psi), rv * np.cos(psi)]), d["ring"] + 4.0
     elif rng.random() < 0.65:  # through the body (on C2 it runs on up into the dens)
-        p0 = np.array([rng.uniform(-0.5, 0.5) * d["a"], rng.uniform(-0.5, 0.5) * d["b"],
-                       rng.uniform(-0.3, 0.3) * d["h"]])
+        p0 = np.array(
+            [
+                rng.uniform(-0.5, 0.5) * d["a"],
+                rng.uniform(-0.5, 0.5) * d["b"],
+                rng.uniform(-0.3, 0.3) * d["h"],
+            ]
+        )
         phi = rng.uniform(0, np.pi)
         tangent, radius = np.array([np.cos(phi), np.sin(phi)]), 2.0 * max(d["a"], d["b"])
     else:  # across the posterior arch
@@ -352,8 +380,9 @@ def _reach(name: str, d: dict[str, float]) -> float:
     return d["h"] + d["gap"] + d.get("dens_len", 0.0) + 16.0
 
 
-def build_anatomy(rng: np.random.Generator, plan: StudyPlan, image_size: int | None,
-                  n_slices: int | None) -> Anatomy:
+def build_anatomy(
+    rng: np.random.Generator, plan: StudyPlan, image_size: int | None, n_slices: int | None
+) -> Anatomy:
     """Random anatomy and slice geometry of one study (jittered sizes, position, curvature)."""
     size = int(image_size or DEFAULT_IMAGE_SIZE)
     # clefts get their own stream, so the rest of the anatomy does not depend on the labels at all
@@ -363,8 +392,14 @@ def build_anatomy(rng: np.random.Generator, plan: StudyPlan, image_size: int | N
     stack = _stack_vertebrae(rng, s)
     z_off = rng.uniform(-150.0, 150.0)  # table position
     z_of = {name: zc + z_off for name, zc, _ in stack}
-    axis = {"z_c4": z_of["C4"], "x0": rng.uniform(-4, 4), "y0": rng.uniform(0, 8),
-            "lat": rng.uniform(-0.05, 0.05), "lean": rng.uniform(-0.08, 0.08), "curv": rng.uniform(2, 10)}
+    axis = {
+        "z_c4": z_of["C4"],
+        "x0": rng.uniform(-4, 4),
+        "y0": rng.uniform(0, 8),
+        "lat": rng.uniform(-0.05, 0.05),
+        "lean": rng.uniform(-0.08, 0.08),
+        "curv": rng.uniform(2, 10),
+    }
     verts = []
     for label, (name, _, d) in enumerate(stack, start=1):
         zc = z_of[name]
@@ -372,14 +407,26 @@ def build_anatomy(rng: np.random.Generator, plan: StudyPlan, image_size: int | N
         if name == "C1":  # the ring is centred behind the dens, which rises on C2's axis
             c2 = stack[1][2]
             y = y + c2["dens_v"] + d["ri_ap"] - 1.5 - c2["dens_r"]
-        v = Vertebra(name, label, np.array([x, y, zc], dtype=np.float64),
-                     _axis_rotation(axis, zc, rng.normal(0, 3)), d, _reach(name, d))
+        v = Vertebra(
+            name,
+            label,
+            np.array([x, y, zc], dtype=np.float64),
+            _axis_rotation(axis, zc, rng.normal(0, 3)),
+            d,
+            _reach(name, d),
+        )
         if name in VERTEBRAE and VERTEBRAE.index(name) in plan.visible:
             v.cleft = _make_cleft(cleft_rng, name, d, spacing)
         verts.append(v)
     z_asc = _slice_heights(rng, verts, n_slices)
-    neck = {"cx": rng.uniform(-3, 3), "cy": rng.uniform(-2, 4), "a": rng.uniform(55, 65) * s,
-            "b": rng.uniform(50, 58) * s, "rim": rng.uniform(3, 7), "z_shoulder": z_of["T1"] + 5.0}
+    neck = {
+        "cx": rng.uniform(-3, 3),
+        "cy": rng.uniform(-2, 4),
+        "a": rng.uniform(55, 65) * s,
+        "b": rng.uniform(50, 58) * s,
+        "rim": rng.uniform(3, 7),
+        "z_shoulder": z_of["T1"] + 5.0,
+    }
     hu = {"cortical": rng.uniform(900, 1200), "cancellous": rng.uniform(250, 350)}
     shift = rng.uniform(-10, 10, size=2)
     origin = (-size * spacing / 2 + shift[0], -size * spacing / 2 + shift[1])
@@ -408,13 +455,21 @@ def _ellipse(u, v, cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
 def _atlas_shape(d, u, v, t):
     """C1: a ring with lateral masses and transverse processes, no body. Returns bone, cancellous, canal."""
     au = np.abs(u)
-    ring = (_ellipse(u, v, 0, 0, d["ri_lr"] + d["ring"], d["ri_ap"] + d["ring"])
-            & ~_ellipse(u, v, 0, 0, d["ri_lr"], d["ri_ap"]) & (np.abs(t) <= d["ring_h"]))
+    ring = (
+        _ellipse(u, v, 0, 0, d["ri_lr"] + d["ring"], d["ri_ap"] + d["ring"])
+        & ~_ellipse(u, v, 0, 0, d["ri_lr"], d["ri_ap"])
+        & (np.abs(t) <= d["ring_h"])
+    )
     lm = _ellipse(au, v, d["lm_u"], d["lm_v"], d["lm_ru"], d["lm_rv"]) & (np.abs(t) <= d["lm_h"])
-    core = (_ellipse(au, v, d["lm_u"], d["lm_v"], d["lm_ru"] - d["shell"], d["lm_rv"] - d["shell"])
-            & (np.abs(t) <= d["lm_h"] - d["shell"]))
-    tp = ((au >= d["ri_lr"] + d["ring"] - 2) & (au <= d["ri_lr"] + d["ring"] + d["tp"])
-          & (np.abs(v - d["lm_v"]) <= 3.0) & (np.abs(t) <= 3.0))
+    core = _ellipse(au, v, d["lm_u"], d["lm_v"], d["lm_ru"] - d["shell"], d["lm_rv"] - d["shell"]) & (
+        np.abs(t) <= d["lm_h"] - d["shell"]
+    )
+    tp = (
+        (au >= d["ri_lr"] + d["ring"] - 2)
+        & (au <= d["ri_lr"] + d["ring"] + d["tp"])
+        & (np.abs(v - d["lm_v"]) <= 3.0)
+        & (np.abs(t) <= 3.0)
+    )
     canal = _ellipse(u, v, 0, 0, d["ri_lr"], d["ri_ap"]) & (np.abs(t) <= d["lm_h"])
     return ring | lm | tp, core, canal
 
@@ -432,8 +487,12 @@ def _body_shape(d, u, v, t):
     canal_e = _ellipse(u, v, 0, vc, d["rc_lr"], d["rc_ap"])
     ring = _ellipse(u, v, 0, vc, d["rc_lr"] + d["th"], d["rc_ap"] + d["th"]) & ~canal_e & (at <= d["ha"])
     back = v - vc - d["rc_ap"]  # distance behind the canal; the spinous process slopes down
-    spinous = ((np.abs(u) <= 2.5) & (back >= 0) & (back <= d["th"] + d["spin"])
-               & (np.abs(t + 0.35 * back) <= 0.6 * d["ha"]))
+    spinous = (
+        (np.abs(u) <= 2.5)
+        & (back >= 0)
+        & (back <= d["th"] + d["spin"])
+        & (np.abs(t + 0.35 * back) <= 0.6 * d["ha"])
+    )
     au = np.abs(u)
     tp = (au >= a - 1) & (au <= a + d["tp"]) & (np.abs(v - 0.6 * b) <= 2.5) & (at <= 0.5 * d["ha"])
     canal = canal_e & (at <= h + d["gap"])
@@ -549,8 +608,12 @@ def render_slice(anat: Anatomy, z: float) -> SliceImage:
         lw[bone | cleft] = vert.label
         if cleft.sum() >= 2:
             rows, cols = np.nonzero(cleft)
-            clefts[vert.name] = (rows.min() + win[0].start, rows.max() + win[0].start,
-                                 cols.min() + win[1].start, cols.max() + win[1].start)
+            clefts[vert.name] = (
+                rows.min() + win[0].start,
+                rows.max() + win[0].start,
+                cols.min() + win[1].start,
+                cols.max() + win[1].start,
+            )
     return SliceImage(hu, labels, clefts)
 
 
@@ -572,12 +635,14 @@ def nifti_affine(anat: Anatomy) -> np.ndarray:
     x0, y0 = anat.origin
     z = anat.z_instances
     step = (z[-1] - z[0]) / (n - 1) if n > 1 else 1.0
-    return np.array([
-        [-sp, 0.0, 0.0, -x0],
-        [0.0, sp, 0.0, -(y0 + (size - 1) * sp)],
-        [0.0, 0.0, -step, z[-1]],
-        [0.0, 0.0, 0.0, 1.0],
-    ])
+    return np.array(
+        [
+            [-sp, 0.0, 0.0, -x0],
+            [0.0, sp, 0.0, -(y0 + (size - 1) * sp)],
+            [0.0, 0.0, -step, z[-1]],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
 
 
 def _write_mask(path: Path, volume: np.ndarray, anat: Anatomy) -> None:
@@ -613,12 +678,23 @@ def render_study(out: Path, plan: StudyPlan, anat: Anatomy, rng: np.random.Gener
         img = render_slice(anat, float(z))
         hu = img.hu + rng.standard_normal(img.hu.shape, dtype=np.float32) * anat.noise
         stored, rescale = _to_stored(hu, plan.storage)
-        write_slice(folder / f"{k + 1}.dcm", stored, ipp=(anat.origin[0], anat.origin[1], z),
-                    iop=(1, 0, 0, 0, 1, 0), spacing=(anat.spacing, anat.spacing),
-                    thickness=_thickness(anat), instance_number=k + 1, study_uid=plan.uid,
-                    series_uid=plan.uid + ".1", series_number=1, series_description="CERVICAL SPINE",
-                    modality="CT", patient_id=plan.uid.rsplit(".", 1)[-1], rescale=rescale,
-                    syntax=plan.syntax)
+        write_slice(
+            folder / f"{k + 1}.dcm",
+            stored,
+            ipp=(anat.origin[0], anat.origin[1], z),
+            iop=(1, 0, 0, 0, 1, 0),
+            spacing=(anat.spacing, anat.spacing),
+            thickness=_thickness(anat),
+            instance_number=k + 1,
+            study_uid=plan.uid,
+            series_uid=plan.uid + ".1",
+            series_number=1,
+            series_description="CERVICAL SPINE",
+            modality="CT",
+            patient_id=plan.uid.rsplit(".", 1)[-1],
+            rescale=rescale,
+            syntax=plan.syntax,
+        )
         present[asc_index[k]] = np.bincount(img.labels.ravel(), minlength=len(NAMES) + 1) > 0
         if volume is not None:
             volume[k] = img.labels
@@ -641,8 +717,14 @@ def _thickness(anat: Anatomy) -> float:
 
 def _box_row(uid: str, slice_number: int, box: tuple[int, int, int, int]) -> dict:
     r0, r1, c0, c1 = box
-    return {"StudyInstanceUID": uid, "x": float(c0), "y": float(r0), "width": float(c1 - c0 + 1),
-            "height": float(r1 - r0 + 1), "slice_number": slice_number}
+    return {
+        "StudyInstanceUID": uid,
+        "x": float(c0),
+        "y": float(r0),
+        "width": float(c1 - c0 + 1),
+        "height": float(r1 - r0 + 1),
+        "slice_number": slice_number,
+    }
 
 
 def _vertebra_rows(plan: StudyPlan, anat: Anatomy, present: np.ndarray) -> list[dict]:
@@ -653,12 +735,20 @@ def _vertebra_rows(plan: StudyPlan, anat: Anatomy, present: np.ndarray) -> list[
         idx = np.nonzero(present[:, vert.label])[0]
         if len(idx) == 0:
             continue
-        rows.append({
-            "study_id": plan.uid, "split": plan.split, "vertebra": vert.name,
-            "z_min_mm": float(z_asc[idx[0]]), "z_max_mm": float(z_asc[idx[-1]]),
-            "cx_mm": float(vert.centre[0]), "cy_mm": float(vert.centre[1]), "cz_mm": float(vert.centre[2]),
-            "slice_min": int(idx[0]), "slice_max": int(idx[-1]),
-        })
+        rows.append(
+            {
+                "study_id": plan.uid,
+                "split": plan.split,
+                "vertebra": vert.name,
+                "z_min_mm": float(z_asc[idx[0]]),
+                "z_max_mm": float(z_asc[idx[-1]]),
+                "cx_mm": float(vert.centre[0]),
+                "cy_mm": float(vert.centre[1]),
+                "cz_mm": float(vert.centre[2]),
+                "slice_min": int(idx[0]),
+                "slice_max": int(idx[-1]),
+            }
+        )
     return rows
 
 
@@ -674,11 +764,17 @@ def _label_rows(plan: StudyPlan) -> list[dict]:
     for i, target in enumerate(TARGETS):
         is_v = target != "patient_overall"
         label = int(i in plan.fractured) if is_v else int(bool(plan.fractured))
-        rows.append({
-            "row_id": f"{plan.uid}_{target}", "study_id": plan.uid, "split": plan.split, "target": target,
-            "label": label, "visible": int(i in plan.visible) if is_v else None,
-            "bayes_fractured": float(bayes[i]),
-        })
+        rows.append(
+            {
+                "row_id": f"{plan.uid}_{target}",
+                "study_id": plan.uid,
+                "split": plan.split,
+                "target": target,
+                "label": label,
+                "visible": int(i in plan.visible) if is_v else None,
+                "bayes_fractured": float(bayes[i]),
+            }
+        )
     return rows
 
 
@@ -718,7 +814,7 @@ def _quirks(plans: list[StudyPlan], results: dict[str, StudyResult]) -> dict:
         "missing_test_studies": [p.uid for p in plans if p.missing],
         "segmented": [p.uid for p in plans if p.segmented],
         "nifti_layout": "S[i, j, k'] = V[n-1-k', R-1-j, i]; V = S[:, ::-1, ::-1].transpose(2, 1, 0); "
-                        "affine maps (i, j, k') to RAS mm",
+        "affine maps (i, j, k') to RAS mm",
     }
 
 
@@ -729,8 +825,13 @@ def _write_kaggle_tables(out: Path, plans: list[StudyPlan], boxes: pd.DataFrame,
     boxes.to_csv(out / "train_bounding_boxes.csv", index=False)
     row_ids = task.row_ids(test_uids)
     parts = [task.parse_row_id(r) for r in row_ids]
-    test = pd.DataFrame({"row_id": row_ids, "StudyInstanceUID": [p["study_id"] for p in parts],
-                         "prediction_type": [p["target"] for p in parts]})
+    test = pd.DataFrame(
+        {
+            "row_id": row_ids,
+            "StudyInstanceUID": [p["study_id"] for p in parts],
+            "prediction_type": [p["target"] for p in parts],
+        }
+    )
     test.to_csv(out / "test.csv", index=False)
     pd.DataFrame({"row_id": row_ids, "fractured": 0.5}).to_csv(out / "sample_submission.csv", index=False)
 
@@ -740,9 +841,21 @@ def _truth_tables(plans, results, task: CervicalTask) -> tuple[dict[str, pd.Data
     test = labels[labels["split"] == "test"]
     sol = pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": test["label"].to_numpy(dtype=int)})
     sol["sample_weight"] = task.row_weights(sol)
-    verts = pd.DataFrame([row for r in results.values() for row in r.vertebrae],
-                         columns=["study_id", "split", "vertebra", "z_min_mm", "z_max_mm", "cx_mm", "cy_mm",
-                                  "cz_mm", "slice_min", "slice_max"])
+    verts = pd.DataFrame(
+        [row for r in results.values() for row in r.vertebrae],
+        columns=[
+            "study_id",
+            "split",
+            "vertebra",
+            "z_min_mm",
+            "z_max_mm",
+            "cx_mm",
+            "cy_mm",
+            "cz_mm",
+            "slice_min",
+            "slice_max",
+        ],
+    )
     return {"labels": labels, "test_solution": sol, "vertebrae": verts}, labels
 
 
@@ -758,15 +871,26 @@ def _summary(plans, results, labels: pd.DataFrame, boxes: pd.DataFrame, meta: di
     """Counts, prior and Bayes scores per split, the quirks placed and the prior's parameters."""
     task = CervicalTask()
     rates = _prior_rates(labels) if (labels["split"] == "train").any() else None
-    summary = {**meta, "counts": {}, "scores": {},
-               "params": {"p_fractured": P_FRACTURED, "q_visible": Q_VISIBLE,
-                          "block_len_probs": list(BLOCK_LEN_PROBS), "start_weights": list(START_WEIGHTS)}}
+    summary = {
+        **meta,
+        "counts": {},
+        "scores": {},
+        "params": {
+            "p_fractured": P_FRACTURED,
+            "q_visible": Q_VISIBLE,
+            "block_len_probs": list(BLOCK_LEN_PROBS),
+            "start_weights": list(START_WEIGHTS),
+        },
+    }
     for split in ("train", "test"):
         sl = labels[labels["split"] == split]
         summary["counts"][split] = _split_counts([p for p in plans if p.split == split], results, sl)
         summary["scores"][split] = _split_scores(task, sl, rates) if len(sl) and rates is not None else None
-    summary["counts"]["train"].update(segmentations=sum(p.segmented for p in plans),
-                                      box_studies=int(boxes["StudyInstanceUID"].nunique()), boxes=len(boxes))
+    summary["counts"]["train"].update(
+        segmentations=sum(p.segmented for p in plans),
+        box_studies=int(boxes["StudyInstanceUID"].nunique()),
+        boxes=len(boxes),
+    )
     summary["quirks"] = _quirks(plans, results)
     return summary
 
@@ -776,8 +900,14 @@ def _summary(plans, results, labels: pd.DataFrame, boxes: pd.DataFrame, meta: di
 # =============================================================================================
 
 
-def generate(out: Path, n_train: int, n_test: int, seed: int, image_size: int | None = None,
-             n_slices: int | None = None) -> dict:
+def generate(
+    out: Path,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    image_size: int | None = None,
+    n_slices: int | None = None,
+) -> dict:
     """Write a synthetic cervical data set to ``out`` (Kaggle layout) and its truth to ``{out}_truth/``.
 
     Args:
@@ -802,14 +932,21 @@ def generate(out: Path, n_train: int, n_test: int, seed: int, image_size: int | 
         rng = np.random.default_rng([seed, split_code[plan.split], plan.index])
         anat = build_anatomy(rng, plan, image_size, n_slices)
         results[plan.uid] = render_study(out, plan, anat, rng)
-    boxes = pd.DataFrame([b for r in results.values() for b in r.boxes],
-                         columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+    boxes = pd.DataFrame(
+        [b for r in results.values() for b in r.boxes],
+        columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"],
+    )
     _write_kaggle_tables(out, plans, boxes, task)
     tables, labels = _truth_tables(plans, results, task)
-    meta = {"task": "cervical", "seed": seed, "image_size": int(image_size or DEFAULT_IMAGE_SIZE),
-            "n_slices": n_slices}
+    meta = {
+        "task": "cervical",
+        "seed": seed,
+        "image_size": int(image_size or DEFAULT_IMAGE_SIZE),
+        "n_slices": n_slices,
+    }
     summary = _summary(plans, results, labels, boxes, meta)
     common.write_truth(out, tables, summary)
-    log.info("cervical synth: %d train, %d test studies in %.1f s", n_train, n_test,
-             time.perf_counter() - start)
+    log.info(
+        "cervical synth: %d train, %d test studies in %.1f s", n_train, n_test, time.perf_counter() - start
+    )
     return summary

@@ -38,6 +38,10 @@ class Task(ABC):
         """Official metric. Returns {'score': ..., <part>: ...}; lower is better."""
 
     @abstractmethod
+    def strata(self, train: pd.DataFrame) -> pd.DataFrame:
+        """Label rows for fold stratification: study_id, y (an integer class, missing labels as 0)."""
+
+    @abstractmethod
     def list_series(self, data_dir: Path, split: str) -> pd.DataFrame:
         """Series to read for ``split`` ('train' or 'test'): study_id, series_id, description, folder.
 

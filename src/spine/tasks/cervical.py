@@ -43,6 +43,10 @@ class CervicalTask(Task):
         )
         return long[["row_id", "study_id", "target", "label"]].reset_index(drop=True)
 
+    def strata(self, train: pd.DataFrame) -> pd.DataFrame:
+        long = self.labels_long(train)
+        return pd.DataFrame({"study_id": long["study_id"], "y": long["label"].fillna(0).astype(int)})
+
     def solution_from_train(self, train: pd.DataFrame) -> pd.DataFrame:
         long = self.labels_long(train).dropna(subset=["label"])
         sol = pd.DataFrame({"row_id": long["row_id"], "fractured": long["label"].astype(int)})

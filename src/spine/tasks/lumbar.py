@@ -34,6 +34,13 @@ CONDITION_SERIES = {
     "right_subarticular_stenosis": "Axial T2",
 }
 
+# What the sagittal localizer (stage 02) finds, per series description: the conditions whose
+# train_label_coordinates points lie on that series. Subarticular points come from registration.
+LOCALIZER_TARGETS = {
+    "Sagittal T2/STIR": ["spinal_canal_stenosis"],
+    "Sagittal T1": ["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"],
+}
+
 
 def condition_group(condition: str) -> str:
     """'spinal', 'foraminal' or 'subarticular'."""
@@ -76,6 +83,10 @@ class LumbarTask(Task):
         long["condition"] = long["target"].str[:-6]
         long["level"] = long["target"].str[-5:]
         return long[["row_id", "study_id", "condition", "level", "grade"]]
+
+    def strata(self, train: pd.DataFrame) -> pd.DataFrame:
+        long = self.labels_long(train)
+        return pd.DataFrame({"study_id": long["study_id"], "y": long["grade"].clip(lower=0)})
 
     def solution_from_train(self, train: pd.DataFrame) -> pd.DataFrame:
         long = self.labels_long(train)

@@ -1,0 +1,27 @@
+"""Overlays for a person: labelled vs predicted points on sagittal slices, axial crop boxes, crops.
+
+python src/plot_overlays.py --config configs/lumbar/demo.yaml [--n 3] [--out DIR] [key=value ...]
+"""
+
+import argparse
+
+from spine.cli import setup_logging
+from spine.config import load_config
+from spine.viz import write_overlays
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/lumbar/demo.yaml")
+    parser.add_argument("--n", type=int, default=3, help="number of train studies")
+    parser.add_argument("--out", default=None, help="folder for the PNGs (default: <localize_dir>/overlays)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data_dir=/data out_dir=/tmp/x")
+    args = parser.parse_args(argv)
+    setup_logging()
+    written = write_overlays(load_config(args.config, args.overrides), n=args.n, out=args.out)
+    print(f"wrote {len(written)} overlays to {written[0].parent if written else '(none)'}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
