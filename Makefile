@@ -19,12 +19,15 @@ demo: $(STAMP)
 	$(PY) src/02_localize.py --config configs/lumbar/demo.yaml
 	$(PY) src/03_crop.py --config configs/lumbar/demo.yaml
 	$(PY) src/plot_overlays.py --config configs/lumbar/demo.yaml --n 3
+	$(PY) src/04_train.py --config configs/lumbar/demo.yaml
+	$(PY) src/04_train.py --config configs/lumbar/demo_3d.yaml
 	$(PY) src/00_make_demo_data.py --config configs/cervical/demo.yaml
 	$(PY) src/01_preprocess.py --config configs/cervical/demo.yaml
 	@echo
 	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/ (series.parquet,"
 	@echo "instances.parquet, failures.csv). Lumbar: folds/lumbar.csv, localize/lumbar/ (points.csv, report.json,"
-	@echo "overlays/*.png), crops/lumbar/ (manifest.parquet, report.json, one .npy per study and view)."
+	@echo "overlays/*.png), crops/lumbar/ (manifest.parquet, report.json, one .npy per study and view),"
+	@echo "oof/lumbar/{demo,demo_3d}/ (oof.csv, report.json), models/lumbar/."
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -36,5 +39,5 @@ bench: $(STAMP)
 	$(PY) bench/preprocess.py
 
 clean-demo:  # removes only generated data sets (those with a _truth folder) and the pipeline's outputs
-	rm -rf cache folds localize crops models
+	rm -rf cache folds localize crops models oof/*/ submissions/*.csv
 	for t in input/*_truth; do [ -d "$$t" ] && rm -rf "$${t%_truth}" "$$t"; done; true

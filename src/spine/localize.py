@@ -20,11 +20,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from .config import save_config
 from .folds import load_folds
-from .io import save_table, save_text
+from .io import claim, fingerprint, is_current, mark_current, save_table, save_text
 from .models.heatmap import SliceHeatmapNet, decode_peaks, heatmap_loss
 from .paths import Paths, require
 from .points import POINT_COLUMNS, label_points, stack_geometries
@@ -240,9 +241,20 @@ def predict_items(model, paths: Paths, items: list[StackItem], size: int, device
     return out
 
 
+def fold_key(cfg, paths: Paths) -> str:
+    """What a fold's model and predictions are made from: the folds, the stage's config, the cache."""
+    return fingerprint(
+        paths.folds.read_text(),
+        OmegaConf.to_container(cfg.localize),
+        cfg.seed,
+        paths.cache_source.read_text(),
+    )
+
+
 def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: int) -> None:
     """Train one fold's model and write its predictions (held-out train studies + all test studies)."""
     lc = cfg.localize
+    key = fold_key(cfg, paths)
     device = resolve_device(lc.device)
     train = [
         it
@@ -250,6 +262,7 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
         if it.split == "train" and fold_of.get(it.study_id) != fold and not np.isnan(it.targets).all()
     ]
     ckpt = paths.localizer_checkpoint(MODEL_NAME, fold, cfg.seed)
+    claim(ckpt, key)
     model = build_model(lc)
     if ckpt.exists():
         model = load_weights(model, ckpt, device)
@@ -270,7 +283,7 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
             amp=lc.amp,
             seed=cfg.seed + fold,
         )
-        model = fit(model, loader, HeatmapLoss(lc.heatmap_sigma), settings, ckpt, device, f"fold {fold}")
+        model, _ = fit(model, loader, HeatmapLoss(lc.heatmap_sigma), settings, ckpt, device, f"fold {fold}")
     targets = [it for it in items if it.split == "test" or fold_of.get(it.study_id) == fold]
     rows = []
     for it, (coords, conf) in zip(
@@ -295,6 +308,7 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
                 }
             )
     save_table(paths.localizer_predictions(MODEL_NAME, fold), pd.DataFrame(rows))
+    mark_current(paths.localizer_predictions(MODEL_NAME, fold), key)
 
 
 def assemble_points(paths: Paths, folds: list[int]) -> pd.DataFrame:
@@ -401,7 +415,7 @@ def run_localize(cfg) -> dict:
     labels = label_points(paths.data_dir, pd.read_parquet(require(paths.instance_table, "01_preprocess")))
     items = [it for d in LOCALIZER_TARGETS for it in stack_items(paths, d, labels)]
     for fold in folds:
-        if paths.localizer_predictions(MODEL_NAME, fold).exists():
+        if is_current(paths.localizer_predictions(MODEL_NAME, fold), fold_key(cfg, paths)):
             log.info("fold %d: predictions exist, skipped", fold)
             continue
         train_fold(cfg, paths, items, fold_of, fold)

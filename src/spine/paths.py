@@ -129,7 +129,16 @@ class Paths:
 
     @property
     def oof(self) -> Path:
+        """Every labelled train row's out-of-fold prediction (written when all folds are done)."""
         return self.out_dir / "oof" / self.task / self.exp / "oof.csv"
+
+    def oof_fold(self, fold: int) -> Path:
+        """One fold's held-out predictions; marks the fold done."""
+        return self.out_dir / "oof" / self.task / self.exp / f"fold{fold}.csv"
+
+    @property
+    def train_report(self) -> Path:
+        return self.out_dir / "oof" / self.task / self.exp / "report.json"
 
     @property
     def submission(self) -> Path:

@@ -1,5 +1,6 @@
 """The training loop: AdamW, cosine schedule with warmup, gradient accumulation, bf16 autocast on
-GPU, optional EMA, atomic checkpoints and resume from the last finished epoch.
+GPU, optional EMA, DDP under torchrun, validation with best-epoch selection and early stopping,
+atomic checkpoints and resume from the last finished epoch.
 
 A model is trained through ``loss_fn(model, batch, device) -> scalar tensor``, so the loop knows
 nothing about what a batch holds.
@@ -11,13 +12,16 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..io import atomic_path
+from . import dist
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ class TrainSettings:
     ema: float | None = None  # EMA decay per optimizer step, e.g. 0.99
     grad_clip: float | None = None
     seed: int = 42
+    select: str = "last"  # which weights to keep: 'last' epoch, or 'best' on the validation score
+    patience: int | None = None  # stop after this many epochs without a better validation score
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -77,15 +83,22 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _batch_size(batch) -> int:
+    first = next(v for v in batch.values() if torch.is_tensor(v)) if isinstance(batch, dict) else batch[0]
+    return len(first)
+
+
 def train_one_epoch(
     model, loader, loss_fn, optimizer, scheduler, s: TrainSettings, device, ema, desc
-) -> float:
-    """One pass over ``loader``; returns the mean loss."""
+) -> dict:
+    """One pass over ``loader``. Returns mean loss, samples/s and the share of time spent waiting for data."""
     model.train()
-    total, n = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    total, n, samples, wait = 0.0, 0, 0, 0.0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
     optimizer.zero_grad(set_to_none=True)
+    start = tick = time.perf_counter()
     for i, batch in enumerate(bar):
+        wait += time.perf_counter() - tick
         with autocast(device, s.amp):
             loss = loss_fn(model, batch, device)
         (loss / s.accumulate).backward()
@@ -96,21 +109,35 @@ def train_one_epoch(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(model)
-        total, n = total + loss.item(), n + 1
+                ema.update(dist.unwrap(model))
+        total, n, samples = total + loss.item(), n + 1, samples + _batch_size(batch)
         bar.set_postfix(loss=f"{total / n:.4f}")
-    return total / max(1, n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so that the next wait is data time, not queued GPU work
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    return {"loss": total / max(1, n), "samples_per_s": samples / seconds, "data_wait_share": wait / seconds}
 
 
-def fit(model, loader, loss_fn, s: TrainSettings, checkpoint: Path, device, desc: str = "train"):
-    """Train ``model`` for ``s.epochs`` and save its final (or EMA) weights to ``checkpoint``.
+def fit(
+    model, loader, loss_fn, s: TrainSettings, checkpoint: Path, device, desc: str = "train", validate=None
+):
+    """Train ``model`` for ``s.epochs`` and save its weights to ``checkpoint``.
 
+    ``validate(model) -> float`` (lower is better), if given, runs after every epoch on every rank; with
+    ``s.select='best'`` the best epoch's weights are kept, and ``s.patience`` stops early. Under torchrun
+    the model is wrapped in DDP (the loader should use a DistributedSampler) and only rank 0 writes.
     The state after every epoch goes to ``<checkpoint>.last`` (atomically), so an interrupted run
     resumes from the last finished epoch; it is removed once the final weights are written.
-    Returns the model to predict with (the EMA copy when EMA is on).
+    Returns (the model to predict with — the EMA copy when EMA is on —, the per-epoch history).
     """
     torch.manual_seed(s.seed)
     model.to(device)
+    net = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if dist.world_size() > 1
+        else model
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     steps_per_epoch = math.ceil(len(loader) / s.accumulate)
     scheduler = cosine_with_warmup(
@@ -118,7 +145,7 @@ def fit(model, loader, loss_fn, s: TrainSettings, checkpoint: Path, device, desc
     )
     ema = EMA(model, s.ema) if s.ema else None
     last = Path(str(checkpoint) + ".last")
-    start = 0
+    start, history, best = 0, [], {"score": math.inf, "epoch": -1}
     if last.exists():
         state = torch.load(last, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -126,28 +153,62 @@ def fit(model, loader, loss_fn, s: TrainSettings, checkpoint: Path, device, desc
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema"):
             ema.model.load_state_dict(state["ema"])
-        start = state["epoch"] + 1
+        start, history, best = state["epoch"] + 1, state["history"], state["best"]
         log.info("resuming %s from epoch %d", checkpoint.name, start)
     for epoch in range(start, s.epochs):
-        loss = train_one_epoch(
-            model, loader, loss_fn, optimizer, scheduler, s, device, ema, f"{desc} {epoch + 1}/{s.epochs}"
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)  # a new shuffle per epoch under DDP
+        stats = train_one_epoch(
+            net, loader, loss_fn, optimizer, scheduler, s, device, ema, f"{desc} {epoch + 1}/{s.epochs}"
         )
-        log.debug("%s epoch %d loss %.4f", desc, epoch + 1, loss)
+        current = ema.model if ema is not None else model
+        if validate is not None:
+            stats["val"] = float(validate(current))
+            if stats["val"] < best["score"]:
+                best = {"score": stats["val"], "epoch": epoch}
+                if s.select == "best" and dist.is_main():
+                    save_checkpoint(
+                        checkpoint.with_suffix(".best"), {"model": current.state_dict(), "epoch": epoch}
+                    )
+        history.append({"epoch": epoch + 1, **stats})
+        log.info("%s epoch %d: %s", desc, epoch + 1, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        if dist.is_main():
+            save_checkpoint(
+                last,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best": best,
+                    "ema": ema.model.state_dict() if ema else None,
+                },
+            )
+        if s.patience is not None and epoch - best["epoch"] >= s.patience:
+            log.info("%s: no better validation score for %d epochs, stopping", desc, s.patience)
+            break
+    final = ema.model if ema is not None else model
+    dist.barrier()
+    if s.select == "best" and best["epoch"] >= 0:
+        final.load_state_dict(
+            torch.load(checkpoint.with_suffix(".best"), map_location=device, weights_only=False)["model"]
+        )
+    if dist.is_main():
         save_checkpoint(
-            last,
+            checkpoint,
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "loss": loss,
-                "ema": ema.model.state_dict() if ema else None,
+                "model": final.state_dict(),
+                "epochs": len(history),
+                "history": history,
+                "best": best,
+                "select": s.select,
             },
         )
-    final = ema.model if ema is not None else model
-    save_checkpoint(checkpoint, {"model": final.state_dict(), "epochs": s.epochs})
-    last.unlink(missing_ok=True)
-    return final.eval()
+        last.unlink(missing_ok=True)
+        checkpoint.with_suffix(".best").unlink(missing_ok=True)
+    dist.barrier()
+    return final.eval(), history
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
