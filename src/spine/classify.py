@@ -180,23 +180,6 @@ def submission_frame(rows: pd.DataFrame, probs: np.ndarray, **extra) -> pd.DataF
     return out.assign(**extra)
 
 
-def settings(cfg, fold: int) -> TrainSettings:
-    tc = cfg.train
-    return TrainSettings(
-        epochs=tc.epochs,
-        lr=tc.lr,
-        weight_decay=tc.weight_decay,
-        warmup_epochs=tc.warmup_epochs,
-        accumulate=tc.accumulate,
-        amp=tc.amp,
-        ema=tc.ema,
-        grad_clip=tc.grad_clip,
-        seed=cfg.seed + fold,
-        select=tc.select,
-        patience=tc.patience,
-    )
-
-
 def heads_spec() -> dict:
     return {"n_groups": len(GROUPS), "n_conditions": len(CONDITIONS), "n_levels": len(LEVELS)}
 
@@ -248,7 +231,7 @@ def train_fold(cfg, paths: Paths, rows: pd.DataFrame, fold_of: dict, fold: int, 
             model,
             loader,
             RowLoss(tc.aux_binary),
-            settings(cfg, fold),
+            TrainSettings.from_config(cfg.train, cfg.seed + fold),
             ckpt,
             device,
             f"fold {fold}",

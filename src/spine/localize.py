@@ -274,15 +274,7 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
             num_workers=lc.loader_workers,
             persistent_workers=lc.loader_workers > 0,
         )
-        settings = TrainSettings(
-            epochs=lc.epochs,
-            lr=lc.lr,
-            weight_decay=lc.weight_decay,
-            warmup_epochs=lc.warmup_epochs,
-            accumulate=lc.batch_studies,
-            amp=lc.amp,
-            seed=cfg.seed + fold,
-        )
+        settings = TrainSettings.from_config(lc, cfg.seed + fold, accumulate=lc.batch_studies)
         model, _ = fit(model, loader, HeatmapLoss(lc.heatmap_sigma), settings, ckpt, device, f"fold {fold}")
     targets = [it for it in items if it.split == "test" or fold_of.get(it.study_id) == fold]
     rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -39,6 +40,12 @@ class TrainSettings:
     seed: int = 42
     select: str = "last"  # which weights to keep: 'last' epoch, or 'best' on the validation score
     patience: int | None = None  # stop after this many epochs without a better validation score
+
+    @classmethod
+    def from_config(cls, section, seed: int, **extra) -> TrainSettings:
+        """The fields a config section names (``localize``, ``train``), with ``seed`` and ``extra``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in section.items() if k in names}, "seed": seed, **extra})
 
 
 def resolve_device(name: str = "auto") -> torch.device:
