@@ -1,0 +1,1 @@
+"""Models by name: timm backbones inside the repo's own heads."""
