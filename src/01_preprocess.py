@@ -4,8 +4,6 @@ python src/01_preprocess.py --config configs/lumbar/demo.yaml [key=value ...]
 """
 
 from spine.cli import parse_stage_args
-from spine.config import save_config
-from spine.paths import Paths
 from spine.preprocess import run_preprocess
 from spine.report import print_summary
 
@@ -13,7 +11,6 @@ from spine.report import print_summary
 def main(argv=None) -> dict:
     cfg = parse_stage_args(__doc__, argv)
     summary = run_preprocess(cfg)
-    save_config(cfg, Paths.from_config(cfg).cache_dir)
     print_summary("stage 01 preprocess", summary)
     return summary
 

@@ -4,16 +4,13 @@ python src/03_crop.py --config configs/lumbar/demo.yaml [crop.points=label] [key
 """
 
 from spine.cli import parse_stage_args
-from spine.config import save_config
 from spine.crops import run_crops
-from spine.paths import Paths
 from spine.report import print_summary
 
 
 def main(argv=None) -> dict:
     cfg = parse_stage_args(__doc__, argv)
     summary = run_crops(cfg)
-    save_config(cfg, Paths.from_config(cfg).crop_dir)
     print_summary("stage 03 crop", summary)
     return summary
 

@@ -44,6 +44,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import geometry
+from .config import save_config
 from .io import save_npy, save_table, save_text
 from .parallel import resolve_workers, worker_pool
 from .paths import Paths
@@ -562,6 +563,7 @@ def run_crops(cfg) -> dict:
     truth = _truth_points(paths)
     report = crop_report(manifest, inst, truth)
     save_text(paths.crop_report, json.dumps(report, indent=2))
+    save_config(cfg, paths.crop_dir)
     return {
         "studies": len(jobs),
         "studies_cropped": len(todo),

@@ -22,6 +22,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import geometry
+from .config import save_config
 from .dicom import DicomError, read_instance
 from .io import save_npy, save_table, save_text
 from .parallel import resolve_workers, worker_pool
@@ -267,6 +268,7 @@ def run_preprocess(cfg) -> dict:
         "images_per_s": round(n_images / seconds, 1) if seconds > 0 else 0.0,
         "cache_dir": str(paths.cache_dir),
     }
+    save_config(cfg, paths.cache_dir)
     return summary
 
 
