@@ -31,7 +31,6 @@ the merged ``paths.crop_manifest`` and ``paths.crop_report``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from . import geometry
 from .config import save_config
-from .io import save_npy, save_table, save_text
+from .io import fingerprint, save_npy, save_table, save_text
 from .parallel import resolve_workers, worker_pool
 from .paths import Paths
 from .points import IOP_COLS, POINT_COLUMNS, StackGeometry, label_points
@@ -320,22 +319,9 @@ class StudyJob:
 
 def study_fingerprint(spec: CropSpec, points: pd.DataFrame) -> str:
     """Hash of the crop settings and a study's points: a stored manifest with another hash is stale."""
-    cols = [
-        "condition",
-        "level",
-        "series_id",
-        "stack",
-        "index",
-        "row",
-        "col",
-        "x_mm",
-        "y_mm",
-        "z_mm",
-        "source",
-    ]
+    cols = [c for c in POINT_COLUMNS if c not in ("study_id", "split", "confidence", "fold")]
     rows = points[cols].sort_values(["condition", "level"]).astype(str).to_numpy().tolist()
-    text = json.dumps({"spec": asdict(spec), "points": rows}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()
+    return fingerprint(asdict(spec), rows)
 
 
 class _Volumes:
