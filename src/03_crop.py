@@ -1,17 +1,19 @@
-"""Stage 03: fixed-size sagittal and axial crops around every (study, condition, level) row.
+"""Stage 03: fixed-size crops around every submission row's anatomy (lumbar: sagittal and axial
+crops per study, condition and level; cervical: per-vertebra crops). The task module names the
+implementation.
 
 python src/03_crop.py --config configs/lumbar/demo.yaml [crop.points=label] [key=value ...]
 """
 
 from spine.cli import parse_stage_args
-from spine.crops import run_crops
-from spine.report import print_summary
+from spine.report import print_summary, stage_summary
+from spine.tasks import get_task
 
 
 def main(argv=None) -> dict:
     cfg = parse_stage_args(__doc__, argv)
-    summary = run_crops(cfg)
-    print_summary("stage 03 crop", summary)
+    summary = get_task(cfg.task).runner("crop")(cfg)
+    print_summary(f"stage 03 {cfg.task} crop", stage_summary(summary))
     return summary
 
 

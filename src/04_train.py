@@ -1,39 +1,34 @@
-"""Stage 04: severity classifiers over the stage-03 crops, on the shared study folds, with OOF files.
+"""Stage 04: the task's classifiers over the stage-03 crops, on the shared study folds, with OOF files.
 
 python src/04_train.py --config configs/lumbar/demo.yaml [fold=0] [key=value ...]
 torchrun --nproc_per_node=N src/04_train.py --config configs/lumbar/base.yaml
-Writes models/<task>/<exp>/fold{k}_seed{s}.pt and oof/<task>/<exp>/{fold{k}.csv, oof.csv, report.json}.
+Trains every experiment of the config's ``ensemble.members`` (or the config's own experiment), each
+resumable per fold, and writes models/<task>/<exp>/fold{k}_seed{s}.pt and
+oof/<task>/<exp>/{fold{k}.csv, oof.csv, report.json}.
 """
 
-from spine.classify import run_train
-from spine.cli import parse_stage_args
-from spine.report import print_summary
+from spine.cli import parse_member_args
+from spine.report import print_summary, stage_summary
+from spine.tasks import get_task
 from spine.train import dist
 
 
 def main(argv=None) -> dict:
-    cfg = parse_stage_args(__doc__, argv)
+    """Returns {experiment: report}."""
+    _, members = parse_member_args(__doc__, argv)
+    reports = {}
     try:
-        report = run_train(cfg)
+        for cfg in members:
+            reports[cfg.exp] = report = get_task(cfg.task).runner("train")(cfg)
+            if dist.is_main():
+                print_summary(
+                    f"stage 04 {cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies "
+                    f"(folds {report['folds_done']})",
+                    stage_summary(report),
+                )
     finally:
         dist.shutdown()
-    if dist.is_main():
-        print_summary(
-            f"stage 04 {cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies "
-            f"(folds {report['folds_done']})",
-            _table(report),
-        )
-    return report
-
-
-def _table(report: dict) -> dict:
-    out = {}
-    for who in ("model", "prior", "bayes"):
-        if who in report:
-            out.update({f"{who} {k}": round(v, 4) for k, v in report[who].items()})
-    if "signal_captured" in report:
-        out["signal captured (prior-model)/(prior-bayes)"] = round(report["signal_captured"], 3)
-    return out
+    return reports
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ from .folds import load_folds
 from .io import claim, fingerprint, is_current, mark_current, save_table, save_text
 from .models.classifier import build_classifier
 from .paths import Paths, require
+from .report import score_summary
 from .tasks import get_task
 from .tasks.lumbar import CONDITIONS, GRADE_WEIGHTS, LEVELS, PRED_COLUMNS, condition_group
 from .train import dist
-from .train.loop import TrainSettings, autocast, fit, load_weights
+from .train.loop import TrainSettings, autocast, fit, load_weights, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ def run_train(cfg) -> dict:
         **oof_report(paths, oof, rows, fold_of),
         "history": {h["fold"]: h["history"] for h in histories},
     }
+    report["summary"] = score_summary(report)
     if dist.is_main():
         if report["complete"]:
             save_table(paths.oof, oof)
@@ -335,3 +337,38 @@ def run_train(cfg) -> dict:
         save_config(cfg, paths.model_dir)
         save_config(cfg, Path(paths.oof).parent)
     return report
+
+
+def predict_test(cfg) -> pd.DataFrame:
+    """Stage 06's classification: every test row of this out_dir's crop manifest, predicted by every
+    fold's model of the experiment (read from ``models_from``) and averaged over folds.
+
+    A row whose crop is missing in any view the model reads gets NaN probabilities and the reason,
+    so stage 06 can fall back to the prior and report it.
+    """
+    tc = cfg.train
+    paths = Paths.from_config(cfg)
+    device = resolve_device(tc.device)
+    manifest = pd.read_parquet(require(paths.crop_manifest, "03_crop"))
+    rows = _with_indices(manifest[manifest["split"] == "test"])
+    missing = np.zeros(len(rows), bool)
+    reason = np.full(len(rows), "", dtype=object)
+    for v in tc.views:
+        m = rows[f"{v}_missing"].to_numpy(bool)
+        reason[m & ~missing] = [f"{v}: {r}" for r in rows.loc[m & ~missing, f"{v}_reason"]]
+        missing |= m
+    folds = list(tc.folds) if tc.folds is not None else list(range(cfg.folds.n_folds))
+    probs = np.zeros((len(rows), 3))
+    ok = rows[~missing]
+    for fold in folds:
+        ckpt = paths.checkpoint(fold, cfg.seed)
+        if not ckpt.exists():
+            raise FileNotFoundError(
+                f"checkpoint {ckpt} is missing: run src/04_train.py for experiment {cfg.exp!r}, or point "
+                "models_from= at the folder that holds models/"
+            )
+        model = load_weights(build_model(cfg), ckpt, device)
+        if len(ok):
+            probs[~missing] += predict(model, paths, ok, tc, device) / len(folds)
+    probs[missing] = np.nan
+    return submission_frame(rows, probs, reason=reason)

@@ -7,7 +7,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from .config import load_config
+from .config import load_config, member_configs
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -18,11 +18,24 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def parse_stage_args(description: str, argv=None) -> DictConfig:
-    """``--config FILE [key=value ...]`` → the resolved config."""
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every stage takes: ``--config FILE [key=value ...]``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/lumbar/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data_dir=/data out_dir=/tmp/x")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_stage_args(description: str, argv=None) -> DictConfig:
+    """``--config FILE [key=value ...]`` → the resolved config."""
+    args = stage_parser(description).parse_args(argv)
     setup_logging()
     return load_config(args.config, args.overrides)
+
+
+def parse_member_args(description: str, argv=None) -> tuple[DictConfig, list[DictConfig]]:
+    """The config and the configs of its ``ensemble.members`` (each loaded with the same overrides)."""
+    args = stage_parser(description).parse_args(argv)
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    return cfg, member_configs(cfg, args.overrides)

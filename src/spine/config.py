@@ -60,6 +60,33 @@ def load_config(path, overrides=()) -> DictConfig:
     return cfg
 
 
+def _repo_path(path) -> Path:
+    """A relative config path is relative to the repo root (also inside an offline bundle's copy)."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def member_configs(cfg: DictConfig, overrides=()) -> list[DictConfig]:
+    """The experiments of ``ensemble.members`` (config files), each loaded with ``overrides``.
+
+    Without members, the config itself is the only experiment. Every member must be of the same task
+    and read the same localization and crops, since stage 06 localizes and crops the test set once.
+    """
+    if not cfg.ensemble.members:
+        return [cfg]
+    members = [load_config(_repo_path(m), overrides) for m in cfg.ensemble.members]
+    for m in members:
+        for key in ("task", "data_dir", "localize", "crop"):
+            if m.get(key) != cfg.get(key):
+                raise ValueError(
+                    f"ensemble member {m.exp!r} differs from {cfg.exp!r} in {key!r}: members must share "
+                    "the task, data, localization and crops (stage 06 localizes and crops the test set once)"
+                )
+    if len({m.exp for m in members}) != len(members):
+        raise ValueError(f"ensemble.members repeat an experiment name: {[m.exp for m in members]}")
+    return members
+
+
 def git_commit() -> str:
     """The repo's current commit (with '-dirty' when there are uncommitted changes), or 'unknown'."""
     try:

@@ -317,11 +317,14 @@ class StudyJob:
     fingerprint: str
 
 
+MANIFEST_VERSION = 2  # bump when the manifest's columns change, so stored studies are remade
+
+
 def study_fingerprint(spec: CropSpec, points: pd.DataFrame) -> str:
     """Hash of the crop settings and a study's points: a stored manifest with another hash is stale."""
     cols = [c for c in POINT_COLUMNS if c not in ("study_id", "split", "confidence", "fold")]
     rows = points[cols].sort_values(["condition", "level"]).astype(str).to_numpy().tolist()
-    return fingerprint(asdict(spec), rows)
+    return fingerprint(asdict(spec), rows, MANIFEST_VERSION)
 
 
 class _Volumes:
@@ -445,6 +448,7 @@ def crop_study(job: StudyJob, paths: Paths, spec: CropSpec, task_name: str) -> l
             "level": part["level"],
             "array_index": i,
             "point_source": anchor.source if anchor is not None else "",
+            "point_confidence": float(anchor.confidence) if anchor is not None else float("nan"),
         }
         views = _crop_row(anchor, roi, refs, spec, volumes, arrays, i)
         point = _row_point(anchor, roi, spec) if anchor is not None else np.full(3, np.nan)

@@ -277,10 +277,15 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
         settings = TrainSettings.from_config(lc, cfg.seed + fold, accumulate=lc.batch_studies)
         model, _ = fit(model, loader, HeatmapLoss(lc.heatmap_sigma), settings, ckpt, device, f"fold {fold}")
     targets = [it for it in items if it.split == "test" or fold_of.get(it.study_id) == fold]
+    rows = prediction_rows(targets, predict_items(model, paths, targets, lc.image_size, device, lc.amp), fold)
+    save_table(paths.localizer_predictions(MODEL_NAME, fold), pd.DataFrame(rows))
+    mark_current(paths.localizer_predictions(MODEL_NAME, fold), key)
+
+
+def prediction_rows(items: list[StackItem], predictions: list, fold: int) -> list[dict]:
+    """One row per (item, channel) with the point in the cached stack and its confidence."""
     rows = []
-    for it, (coords, conf) in zip(
-        targets, predict_items(model, paths, targets, lc.image_size, device, lc.amp)
-    ):
+    for it, (coords, conf) in zip(items, predictions):
         for k in channels(it.description):
             _, cond, lv = CHANNELS[k]
             rows.append(
@@ -299,8 +304,7 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
                     "fold": fold,
                 }
             )
-    save_table(paths.localizer_predictions(MODEL_NAME, fold), pd.DataFrame(rows))
-    mark_current(paths.localizer_predictions(MODEL_NAME, fold), key)
+    return rows
 
 
 def assemble_points(paths: Paths, folds: list[int]) -> pd.DataFrame:
@@ -308,6 +312,11 @@ def assemble_points(paths: Paths, folds: list[int]) -> pd.DataFrame:
     df = pd.concat(
         [pd.read_csv(paths.localizer_predictions(MODEL_NAME, f)) for f in folds], ignore_index=True
     )
+    return fold_mean_points(paths, df)
+
+
+def fold_mean_points(paths: Paths, df: pd.DataFrame) -> pd.DataFrame:
+    """Train rows as they are (OOF); test rows averaged over the folds' models; placed in patient mm."""
     train = df[df["split"] == "train"]
     key = ["study_id", "split", "condition", "level", "series_id", "stack"]
     test = (
@@ -426,4 +435,39 @@ def run_localize(cfg) -> dict:
     }
     save_text(paths.localize_report, json.dumps(report, indent=2))
     save_config(cfg, paths.localize_dir)
-    return report
+    return {**report, "summary": _summary(report)}
+
+
+def _summary(report: dict) -> dict:
+    out = {}
+    for name in ("model", "baseline_mean_position"):
+        r = report[name]
+        out.update({f"{name} {k}": v for k, v in r["all"].items()})
+        out[f"{name} level_assignment"] = r["level_assignment_accuracy"]
+    out.update({f"model median_mm {lv}": v["median_mm"] for lv, v in report["model"]["per_level"].items()})
+    return out
+
+
+def predict_test(cfg) -> dict:
+    """Stage 06's localization: every test stack with every fold's model (read from
+    ``models_from``), the fold mean written to this out_dir's points.csv. No training."""
+    lc = cfg.localize
+    paths = Paths.from_config(cfg)
+    device = resolve_device(lc.device)
+    require(paths.instance_table, "01_preprocess")
+    items = [it for d in LOCALIZER_TARGETS for it in stack_items(paths, d, None) if it.split == "test"]
+    folds = list(lc.folds) if lc.folds is not None else list(range(cfg.folds.n_folds))
+    rows = []
+    for fold in folds:
+        ckpt = paths.localizer_checkpoint(MODEL_NAME, fold, cfg.seed)
+        if not ckpt.exists():
+            raise FileNotFoundError(
+                f"localizer checkpoint {ckpt} is missing: run src/02_localize.py with this config, or point "
+                "models_from= at the folder that holds models/"
+            )
+        model = load_weights(build_model(lc), ckpt, device)
+        preds = predict_items(model, paths, items, lc.image_size, device, lc.amp)
+        rows += prediction_rows(items, preds, fold)
+    points = fold_mean_points(paths, pd.DataFrame(rows)) if rows else pd.DataFrame(columns=POINT_COLUMNS)
+    save_table(paths.points, points)
+    return {"stacks": len(items), "studies": int(points["study_id"].nunique()), "folds": folds}

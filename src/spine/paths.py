@@ -28,20 +28,29 @@ class Paths:
 
     out_dir/cache/<task>/                        stage 01: series volumes + metadata tables
     out_dir/folds/<task>.csv                     study folds shared by every model
-    out_dir/models/<task>/<exp>/fold{k}_seed{s}.pt
+    model_root/models/<task>/<exp>/fold{k}_seed{s}.pt   (model_root = out_dir unless `models_from` is set)
     out_dir/oof/<task>/<exp>/oof.csv
     out_dir/submissions/<task>_<exp>.csv
+
+    Trained models are read from ``model_root``: stage 06 on Kaggle writes its work under
+    /kaggle/working while the models come from a read-only dataset folder.
     """
 
-    def __init__(self, data_dir, out_dir, task: str, exp: str):
+    def __init__(self, data_dir, out_dir, task: str, exp: str, model_root=None):
         self.data_dir = Path(data_dir)
         self.out_dir = Path(out_dir)
+        self.model_root = Path(model_root) if model_root is not None else self.out_dir
         self.task = task
         self.exp = exp
 
     @classmethod
     def from_config(cls, cfg) -> Paths:
-        return cls(cfg.data_dir, cfg.out_dir, cfg.task, cfg.exp)
+        return cls(cfg.data_dir, cfg.out_dir, cfg.task, cfg.exp, cfg.get("models_from"))
+
+    @property
+    def models_dir(self) -> Path:
+        """Every trained model of the task (localizer, segmenter, classifiers, ensembles)."""
+        return self.model_root / "models" / self.task
 
     # Stage 01
     @property
@@ -83,7 +92,7 @@ class Paths:
         return self.out_dir / "localize" / self.task
 
     def localizer_checkpoint(self, series_kind: str, fold: int, seed: int) -> Path:
-        return self.out_dir / "models" / self.task / "localizer" / f"{series_kind}_fold{fold}_seed{seed}.pt"
+        return self.models_dir / "localizer" / f"{series_kind}_fold{fold}_seed{seed}.pt"
 
     def localizer_predictions(self, series_kind: str, fold: int) -> Path:
         """One fold's predictions (its held-out train studies and every test study); marks the fold done."""
@@ -96,6 +105,24 @@ class Paths:
     @property
     def localize_report(self) -> Path:
         return self.localize_dir / "report.json"
+
+    # Stage 02, cervical: vertebra segmentation
+    def segmenter_checkpoint(self, fold: int, seed: int) -> Path:
+        return self.models_dir / "segmenter" / f"fold{fold}_seed{seed}.pt"
+
+    def segmenter_predictions(self, fold: int) -> Path:
+        """One fold's per-vertebra table (held-out segmented studies, all others); marks the fold done."""
+        return self.localize_dir / "folds" / f"segmenter_fold{fold}.csv"
+
+    @property
+    def vertebrae(self) -> Path:
+        """One row per (study, vertebra C1..C7): slice range, 3D box in the cached stack, found flag."""
+        return self.localize_dir / "vertebrae.csv"
+
+    @property
+    def slice_labels(self) -> Path:
+        """Per-slice vertebra probabilities of every study (the segmenter's output, reduced)."""
+        return self.localize_dir / "slices.parquet"
 
     # Stage 03: crops
     @property
@@ -122,7 +149,7 @@ class Paths:
 
     @property
     def model_dir(self) -> Path:
-        return self.out_dir / "models" / self.task / self.exp
+        return self.models_dir / self.exp
 
     def checkpoint(self, fold: int, seed: int) -> Path:
         return self.model_dir / f"fold{fold}_seed{seed}.pt"
@@ -139,6 +166,34 @@ class Paths:
     @property
     def train_report(self) -> Path:
         return self.out_dir / "oof" / self.task / self.exp / "report.json"
+
+    # Stage 05: the ensemble of the experiments named by `ensemble.members`, under this config's exp
+    @property
+    def ensemble_name(self) -> str:
+        return f"ensemble_{self.exp}"
+
+    @property
+    def ensemble_spec(self) -> Path:
+        """The chosen stacker, its fitted parameters and the members it reads (JSON)."""
+        return self.models_dir / self.ensemble_name / "spec.json"
+
+    @property
+    def ensemble_oof(self) -> Path:
+        return self.out_dir / "oof" / self.task / self.ensemble_name / "oof.csv"
+
+    @property
+    def ensemble_report(self) -> Path:
+        return self.out_dir / "oof" / self.task / self.ensemble_name / "report.json"
+
+    # Stage 06
+    @property
+    def predict_dir(self) -> Path:
+        """Stage 06's own cache, localization and crops of the test split (apart from training's)."""
+        return self.out_dir / "predict" / self.task / self.exp
+
+    @property
+    def predict_report(self) -> Path:
+        return self.out_dir / "submissions" / f"{self.task}_{self.exp}.report.json"
 
     @property
     def submission(self) -> Path:

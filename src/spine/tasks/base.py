@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -17,6 +18,20 @@ class Task(ABC):
     name: str
     slug: str  # the Kaggle competition slug, also the default folder name under input/
     pred_columns: list[str]  # submission columns after row_id
+    # The task's implementation of each model stage, as "module:function" (imported on use, so the
+    # task modules stay free of torch). Stage scripts look their function up here, never by task name:
+    #   localize / crop / train: run_*(cfg) -> report dict (with a flat "summary" for the console);
+    #   localize_test / predict: the inference-only paths stage 06 runs on the test split.
+    runners: dict[str, str] = {}
+
+    def runner(self, stage: str):
+        """The function that runs ``stage`` for this task; a clear error when it has none."""
+        if stage not in self.runners:
+            raise NotImplementedError(
+                f"task {self.name!r} has no implementation of {stage!r}; it has {sorted(self.runners)}"
+            )
+        module, func = self.runners[stage].split(":")
+        return getattr(importlib.import_module(module), func)
 
     @abstractmethod
     def row_ids(self, study_ids) -> list[str]:
@@ -48,6 +63,31 @@ class Task(ABC):
         Only series listed by the competition files (or found on disk, where the competition lists
         none) are returned; ``folder`` may not exist (a missing series), which the caller reports.
         """
+
+    # --- stage 05: what stackers know about a row besides the members' probabilities -------------
+    def prior_key(self, row_id: str) -> str:
+        """The row's target without its study (e.g. 'spinal_canal_stenosis_l4_l5', 'C3')."""
+        parts = self.parse_row_id(row_id)
+        return "_".join(str(v) for k, v in parts.items() if k != "study_id")
+
+    def prior_keys(self) -> list[str]:
+        return list(self.targets)
+
+    @abstractmethod
+    def stack_group(self, row_id: str) -> str:
+        """The row's group: stackers that blend per group fit one set of weights for each."""
+
+    @abstractmethod
+    def stack_groups(self) -> list[str]: ...
+
+    def stack_features(
+        self, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame | None
+    ) -> pd.DataFrame:
+        """Numeric row features for stackers (NaN where unknown), one row per row of ``rows``.
+
+        ``probs`` are the members' (n, M, K) probabilities of these rows; ``manifest`` the crop manifest.
+        """
+        return pd.DataFrame(index=rows.index)
 
     def align(self, solution: pd.DataFrame, submission: pd.DataFrame) -> pd.DataFrame:
         """Submission rows in the solution's order; a clear error names missing row ids."""

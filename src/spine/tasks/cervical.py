@@ -20,6 +20,19 @@ class CervicalTask(Task):
     slug = "rsna-2022-cervical-spine-fracture-detection"
     pred_columns = ["fractured"]
     targets = TARGETS
+    runners = {  # stage 02 segments the vertebrae; 03/04 crop and classify each vertebra
+        "localize": "spine.segment:run_segment",
+        "localize_test": "spine.segment:predict_test",
+        "crop": "spine.vertebra_crops:run_crops",
+        "train": "spine.fracture:run_train",
+        "predict": "spine.fracture:predict_test",
+    }
+
+    def stack_group(self, row_id: str) -> str:
+        return "patient_overall" if row_id.endswith("_patient_overall") else "vertebra"
+
+    def stack_groups(self) -> list[str]:
+        return ["vertebra", "patient_overall"]
 
     def row_ids(self, study_ids) -> list[str]:
         return [f"{s}_{t}" for s in study_ids for t in TARGETS]

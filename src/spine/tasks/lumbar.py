@@ -56,6 +56,29 @@ class LumbarTask(Task):
     pred_columns = PRED_COLUMNS
     targets = TARGETS
     grades = GRADES
+    runners = {
+        "localize": "spine.localize:run_localize",
+        "localize_test": "spine.localize:predict_test",
+        "crop": "spine.crops:run_crops",
+        "train": "spine.classify:run_train",
+        "predict": "spine.classify:predict_test",
+    }
+
+    def stack_group(self, row_id: str) -> str:
+        return condition_group(self.parse_row_id(row_id)["condition"])
+
+    def stack_groups(self) -> list[str]:
+        return ["spinal", "foraminal", "subarticular"]
+
+    def stack_features(self, rows, probs, manifest) -> pd.DataFrame:
+        """Side (+1 left, -1 right, 0 centre), missing views, stage-02 confidence, distance to the
+        chosen axial plane; from the crop manifest."""
+        cols = ["sag_missing", "ax_missing", "point_confidence", "ax_plane_mm"]
+        m = manifest.drop_duplicates("row_id").set_index("row_id") if manifest is not None else pd.DataFrame()
+        m = m.reindex(index=rows["row_id"], columns=cols)
+        cond = [self.parse_row_id(r)["condition"] for r in rows["row_id"]]
+        side = [1.0 if c.startswith("left") else -1.0 if c.startswith("right") else 0.0 for c in cond]
+        return pd.DataFrame({"side": side, **{c: m[c].astype(float).to_numpy() for c in cols}})
 
     def row_ids(self, study_ids) -> list[str]:
         """Rows of each study in sample_submission order (targets sorted by name)."""

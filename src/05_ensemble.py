@@ -1,0 +1,25 @@
+"""Stage 05: stack the OOF predictions of the config's ``ensemble.members`` on the competition metric.
+
+python src/05_ensemble.py --config configs/lumbar/demo.yaml [key=value ...]
+Scores every member, their mean, a per-group blend, a logistic and a LightGBM stacker by nested CV over
+the study folds; writes models/<task>/ensemble_<exp>/spec.json (the best one, refitted on every OOF row)
+and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
+"""
+
+from spine.cli import parse_member_args
+from spine.ensemble import run_ensemble
+from spine.report import print_summary, stage_summary
+
+
+def main(argv=None) -> dict:
+    cfg, members = parse_member_args(__doc__, argv)
+    report = run_ensemble(cfg, members)
+    print_summary(
+        f"stage 05 {cfg.task} ensemble_{cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies",
+        stage_summary(report),
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
