@@ -14,10 +14,10 @@ from spine.report import print_summary, stage_summary
 def main(argv=None) -> dict:
     cfg, members = parse_member_args(__doc__, argv)
     report = run_ensemble(cfg, members)
-    print_summary(
-        f"stage 05 {cfg.task} ensemble_{cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies",
-        stage_summary(report),
+    title = (
+        f"stage 05 {cfg.task} ensemble_{cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies"
     )
+    print_summary(title, stage_summary(report))
     return report
 
 

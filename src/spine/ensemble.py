@@ -407,6 +407,11 @@ def run_ensemble(cfg, members: list) -> dict:
     paths = Paths.from_config(cfg)
     names = [m.exp for m in members]
     rows, probs = load_oof({m.exp: Paths.from_config(m) for m in members}, task)
+    if rows["fold"].nunique() < 3:
+        raise ValueError(
+            f"stage 05 needs OOF rows from at least 3 folds (nested CV), got {rows['fold'].nunique()}: "
+            "train every fold in stage 04 (folds.n_folds >= 3)"
+        )
     k = n_classes(task)
     feats = features(task, rows, probs, _manifest(paths))
     cands = candidates(names, cfg.ensemble)

@@ -1,0 +1,22 @@
+"""Stage 06: from the raw test DICOM to submissions/<task>_<exp>.csv, with the trained models only.
+
+python src/06_predict.py --config configs/lumbar/demo.yaml [data_dir=...] [models_from=...] [key=value ...]
+Runs stages 01-04 in inference mode on data_dir's test split (work folder out_dir/predict/<task>/<exp>/),
+stacks the members with stage 05's spec, and writes the submission in sample_submission.csv's row order,
+with a report (seconds per study, peak memory, fallbacks, and on generated data the test score).
+"""
+
+from spine.cli import parse_member_args
+from spine.predict import run_predict
+from spine.report import print_summary, stage_summary
+
+
+def main(argv=None) -> dict:
+    cfg, members = parse_member_args(__doc__, argv)
+    report = run_predict(cfg, members)
+    print_summary(f"stage 06 {cfg.task} {cfg.exp}: submission", stage_summary(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
