@@ -13,21 +13,25 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+LUMBAR := --config configs/lumbar/demo.yaml
+CERVICAL := --config configs/cervical/demo.yaml
+
 demo: $(STAMP)
-	$(PY) src/00_make_demo_data.py --config configs/lumbar/demo.yaml
-	$(PY) src/01_preprocess.py --config configs/lumbar/demo.yaml
-	$(PY) src/02_localize.py --config configs/lumbar/demo.yaml
-	$(PY) src/03_crop.py --config configs/lumbar/demo.yaml
-	$(PY) src/plot_overlays.py --config configs/lumbar/demo.yaml --n 3
-	$(PY) src/04_train.py --config configs/lumbar/demo.yaml
-	$(PY) src/04_train.py --config configs/lumbar/demo_3d.yaml
-	$(PY) src/00_make_demo_data.py --config configs/cervical/demo.yaml
-	$(PY) src/01_preprocess.py --config configs/cervical/demo.yaml
+	$(PY) src/00_make_demo_data.py $(LUMBAR)
+	$(PY) src/01_preprocess.py $(LUMBAR)
+	$(PY) src/02_localize.py $(LUMBAR)
+	$(PY) src/03_crop.py $(LUMBAR)
+	$(PY) src/plot_overlays.py $(LUMBAR) --n 3
+	$(PY) src/04_train.py $(LUMBAR)
+	$(PY) src/05_ensemble.py $(LUMBAR)
+	$(PY) src/06_predict.py $(LUMBAR)
+	$(PY) src/00_make_demo_data.py $(CERVICAL)
+	$(PY) src/01_preprocess.py $(CERVICAL)
+	$(PY) src/demo_summary.py $(LUMBAR)
 	@echo
-	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/ (series.parquet,"
-	@echo "instances.parquet, failures.csv). Lumbar: folds/lumbar.csv, localize/lumbar/ (points.csv, report.json,"
-	@echo "overlays/*.png), crops/lumbar/ (manifest.parquet, report.json, one .npy per study and view),"
-	@echo "oof/lumbar/{demo,demo_3d}/ (oof.csv, report.json), models/lumbar/."
+	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Lumbar: folds/,"
+	@echo "localize/lumbar/ (points.csv, report.json, overlays/*.png), crops/lumbar/, models/lumbar/,"
+	@echo "oof/lumbar/{demo,demo_3d,ensemble_demo}/, submissions/lumbar_demo.csv (+ .report.json)."
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -132,3 +132,10 @@ def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch):
     ours = pd.read_csv(work / "submission.csv")
     theirs = pd.read_csv(report["submission"])
     pd.testing.assert_frame_equal(ours, theirs, atol=1e-5)  # same models, same inputs, same rows
+
+
+def test_demo_summary_reads_every_report(pipeline):
+    _, args, _, _ = pipeline
+    rows = _stage("demo_summary").main(args)
+    assert [r[1] for r in rows] == ["OOF demo", "OOF demo_3d", "OOF stacked", "test submission"]
+    assert all(v is not None and np.isfinite(v) for r in rows for v in r[2:])

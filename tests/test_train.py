@@ -100,7 +100,8 @@ def test_ddp_two_cpu_ranks(cropped):
     out.mkdir()
     for name in ("cache", "crops", "folds"):  # reuse the stage 01-03 outputs of the fixture
         (out / name).symlink_to(root / "out" / name)
-    over = [o for o in over if not o.startswith("out_dir=")] + [f"out_dir={out}", "fold=0", "ensemble.members=null"]
+    over = [o for o in over if not o.startswith("out_dir=")]
+    over += [f"out_dir={out}", "fold=0", "ensemble.members=null"]
     cmd = [
         sys.executable,
         "-m",

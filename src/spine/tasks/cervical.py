@@ -34,6 +34,32 @@ class CervicalTask(Task):
     def stack_groups(self) -> list[str]:
         return ["vertebra", "patient_overall"]
 
+    def stack_features(self, rows, probs, manifest) -> pd.DataFrame:
+        """Per member, the study's vertebra probabilities seen from each row: the study's maximum and
+        any-fracture probability (1 - prod(1 - p)), and the vertebrae just above and below (fractures
+        come in contiguous blocks); plus the vertebra's position and whether stage 02 found it."""
+        parts = pd.DataFrame([self.parse_row_id(r) for r in rows["row_id"]])
+        study, target = parts["study_id"].to_numpy(), parts["target"].to_numpy()
+        pos = np.array([TARGETS.index(t) for t in target], dtype=float)
+        is_vert = pos < len(VERTEBRAE)
+        out = {"position": np.where(is_vert, pos, np.nan)}
+        for m in range(probs.shape[1]):
+            p = pd.Series(probs[:, m, 1])
+            vert = pd.DataFrame({"study": study, "pos": pos, "p": p})[is_vert]
+            by_study = vert.groupby("study")["p"]
+            out[f"m{m}_study_max"] = pd.Series(study).map(by_study.max()).to_numpy()
+            out[f"m{m}_study_any"] = (
+                pd.Series(study).map(1 - by_study.apply(lambda x: np.prod(1 - x))).to_numpy()
+            )
+            lookup = vert.set_index(["study", "pos"])["p"]
+            for name, step in (("above", -1), ("below", 1)):
+                keys = pd.MultiIndex.from_arrays([study, pos + step])
+                out[f"m{m}_{name}"] = np.where(is_vert, lookup.reindex(keys).to_numpy(), np.nan)
+        if manifest is not None and "found" in manifest:
+            found = manifest.drop_duplicates("row_id").set_index("row_id")["found"]
+            out["found"] = found.reindex(rows["row_id"]).astype(float).to_numpy()
+        return pd.DataFrame(out)
+
     def row_ids(self, study_ids) -> list[str]:
         return [f"{s}_{t}" for s in study_ids for t in TARGETS]
 
