@@ -43,5 +43,5 @@ bench: $(STAMP)
 	$(PY) bench/preprocess.py
 
 clean-demo:  # removes only generated data sets (those with a _truth folder) and the pipeline's outputs
-	rm -rf cache folds localize crops models oof/*/ submissions/*.csv
+	rm -rf cache folds localize crops models predict oof/*/ submissions/*.csv submissions/*.json
 	for t in input/*_truth; do [ -d "$$t" ] && rm -rf "$${t%_truth}" "$$t"; done; true
