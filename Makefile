@@ -27,11 +27,17 @@ demo: $(STAMP)
 	$(PY) src/06_predict.py $(LUMBAR)
 	$(PY) src/00_make_demo_data.py $(CERVICAL)
 	$(PY) src/01_preprocess.py $(CERVICAL)
-	$(PY) src/demo_summary.py $(LUMBAR)
+	$(PY) src/02_localize.py $(CERVICAL)
+	$(PY) src/03_crop.py $(CERVICAL)
+	$(PY) src/04_train.py $(CERVICAL)
+	$(PY) src/05_ensemble.py $(CERVICAL)
+	$(PY) src/06_predict.py $(CERVICAL)
+	$(PY) src/demo_summary.py $(LUMBAR) $(CERVICAL)
 	@echo
-	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Lumbar: folds/,"
-	@echo "localize/lumbar/ (points.csv, report.json, overlays/*.png), crops/lumbar/, models/lumbar/,"
-	@echo "oof/lumbar/{demo,demo_3d,ensemble_demo}/, submissions/lumbar_demo.csv (+ .report.json)."
+	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Per task:"
+	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv + overlays/*.png; cervical vertebrae.csv),"
+	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,demo_3d,ensemble_demo}/,"
+	@echo "submissions/<task>_demo.csv (+ .report.json)."
 
 test: $(STAMP)
 	$(PY) -m pytest -q

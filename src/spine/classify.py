@@ -10,9 +10,7 @@ every labelled train row.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -23,16 +21,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .config import save_config
-from .folds import load_folds
-from .io import claim, fingerprint, is_current, mark_current, save_table, save_text
+from .io import claim, fingerprint, mark_current, save_table
 from .models.classifier import build_classifier
 from .paths import Paths, require
-from .report import score_summary
 from .tasks import get_task
 from .tasks.lumbar import CONDITIONS, GRADE_WEIGHTS, LEVELS, PRED_COLUMNS, condition_group
 from .train import dist
 from .train.loop import TrainSettings, autocast, fit, load_weights, resolve_device
+from .train.stage import run_folds
 
 log = logging.getLogger(__name__)
 
@@ -301,42 +297,7 @@ def oof_report(paths: Paths, oof: pd.DataFrame, rows: pd.DataFrame, fold_of: dic
 
 def run_train(cfg) -> dict:
     """Stage 04: train the folds of ``fold`` / ``train.folds`` (default all); write oof.csv and a report."""
-    rank, world = dist.init_distributed()
-    device = dist.device_for_rank(cfg.train.device)
-    paths = Paths.from_config(cfg)
-    folds_df = load_folds(cfg) if dist.is_main() else None
-    dist.barrier()
-    folds_df = folds_df if folds_df is not None else load_folds(cfg)
-    fold_of = dict(zip(folds_df["study_id"], folds_df["fold"]))
-    rows = train_rows(paths)
-    all_folds = list(range(cfg.folds.n_folds))
-    folds = [cfg.fold] if cfg.fold is not None else list(cfg.train.folds or all_folds)
-    log.info("stage 04 %s: folds %s on %s (rank %d of %d)", cfg.exp, folds, device, rank, world)
-    histories = []
-    for fold in folds:
-        if is_current(paths.oof_fold(fold), fold_key(cfg, paths)):
-            log.info("fold %d: OOF predictions exist, skipped", fold)
-            continue
-        histories.append(train_fold(cfg, paths, rows, fold_of, fold, device))
-    dist.barrier()
-    done = [f for f in all_folds if is_current(paths.oof_fold(f), fold_key(cfg, paths))]
-    oof = pd.concat([pd.read_csv(paths.oof_fold(f)) for f in done], ignore_index=True)
-    report = {
-        "exp": cfg.exp,
-        "folds_done": done,
-        "complete": done == all_folds,
-        "world_size": world,
-        **oof_report(paths, oof, rows, fold_of),
-        "history": {h["fold"]: h["history"] for h in histories},
-    }
-    report["summary"] = score_summary(report)
-    if dist.is_main():
-        if report["complete"]:
-            save_table(paths.oof, oof)
-        save_text(paths.train_report, json.dumps(report, indent=2, default=float))
-        save_config(cfg, paths.model_dir)
-        save_config(cfg, Path(paths.oof).parent)
-    return report
+    return run_folds(cfg, lambda paths, _: train_rows(paths), fold_key, train_fold, oof_report)
 
 
 def predict_test(cfg) -> pd.DataFrame:

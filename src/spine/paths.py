@@ -111,8 +111,21 @@ class Paths:
         return self.models_dir / "segmenter" / f"fold{fold}_seed{seed}.pt"
 
     def segmenter_predictions(self, fold: int) -> Path:
-        """One fold's per-vertebra table (held-out segmented studies, all others); marks the fold done."""
+        """One fold's per-vertebra table of its held-out segmented studies (OOF); marks the fold done."""
         return self.localize_dir / "folds" / f"segmenter_fold{fold}.csv"
+
+    def segmenter_slices(self, fold: int) -> Path:
+        """Per-slice vertebra probabilities of one fold's held-out segmented studies."""
+        return self.localize_dir / "folds" / f"segmenter_fold{fold}_slices.parquet"
+
+    @property
+    def segmenter_mean_predictions(self) -> Path:
+        """Per-vertebra table of every other study, from the mean of the fold models; marks it done."""
+        return self.localize_dir / "folds" / "segmenter_fold_mean.csv"
+
+    @property
+    def segmenter_mean_slices(self) -> Path:
+        return self.localize_dir / "folds" / "segmenter_fold_mean_slices.parquet"
 
     @property
     def vertebrae(self) -> Path:

@@ -1,0 +1,196 @@
+"""Stage 02 (cervical): masks aligned to the cached stacks by geometry, and a tiny end-to-end run."""
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spine import ct
+from spine.config import REPO_ROOT, load_config
+from spine.paths import Paths
+from spine.preprocess import run_preprocess
+from spine.segment import (
+    SLICE_COLUMNS,
+    VERTEBRA_COLUMNS,
+    align_mask,
+    augment,
+    bone_share,
+    geometries,
+    predict_test,
+    run_segment,
+    study_items,
+)
+from spine.synth import generate
+from spine.tasks.cervical import VERTEBRAE
+
+CONFIG = REPO_ROOT / "configs/cervical/demo.yaml"
+TINY = [
+    "num_workers=1",
+    "folds.n_folds=2",
+    "segment.grid=[16,16,16]",
+    "segment.widths=[4,8]",
+    "segment.epochs=1",
+    "segment.batch=2",
+    "segment.min_voxels=1",
+    "segment.loader_workers=0",
+]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """6 train (3 with a mask) + 2 test studies (one missing) of 32 slices of 40², through stage 01."""
+    root = tmp_path_factory.mktemp("segment")
+    generate("cervical", root / "data", 6, 2, seed=2, image_size=40, n_slices=32)
+    over = [f"data_dir={root / 'data'}", f"out_dir={root / 'out'}", *TINY]
+    run_preprocess(load_config(CONFIG, over))
+    return root, over
+
+
+def _truth(root) -> pd.DataFrame:
+    return pd.read_csv(root / "data_truth" / "vertebrae.csv", dtype={"study_id": str})
+
+
+def _naive(nifti) -> np.ndarray:
+    """The mistake the real masks invite: reading the voxel axes as (col, row, slice) reversed."""
+    return np.asanyarray(nib.load(str(nifti)).dataobj).transpose(2, 1, 0)
+
+
+def _spans_match(mask, z, truth: pd.DataFrame) -> bool:
+    """Every vertebra's slices on ``mask`` (z in mm) are exactly the truth's span (where cached)."""
+    for r in truth.itertuples():
+        on = (
+            z[(mask == VERTEBRAE.index(r.vertebra) + 1).reshape(len(mask), -1).any(1)]
+            if r.vertebra in VERTEBRAE
+            else None
+        )
+        if on is None:
+            continue
+        expect = z[(z >= r.z_min_mm - 1e-3) & (z <= r.z_max_mm + 1e-3)]
+        if len(on) == 0 or not (np.isclose(on.min(), expect.min()) and np.isclose(on.max(), expect.max())):
+            return False
+    return True
+
+
+def test_masks_align_by_geometry(cached):
+    root, over = cached
+    paths = Paths.from_config(load_config(CONFIG, over))
+    geos = geometries(paths)
+    truth = _truth(root)
+    segmented = [it for it in study_items(paths) if it.mask is not None]
+    assert len(segmented) == 3
+    orders = pd.read_json(root / "data_truth" / "summary.json", typ="series")["quirks"]["instance_order"]
+    assert {orders[it.study_id] for it in segmented} == {"head_first", "feet_first"}  # both layouts met
+    for it in segmented:
+        geo = geos[(it.study_id, it.series_id, it.stack)]
+        z = geo.ipp[:, 2]
+        stack = ct.CTStack(paths.cache_dir / it.path)
+        mask = align_mask(it.mask, geo, it.shape)
+        t = truth[truth["study_id"] == it.study_id]
+        assert _spans_match(mask, z, t), it.study_id  # slice spans: exactly the truth's
+        for r in t[t["vertebra"].isin(VERTEBRAE)].itertuples():  # left-right centre of each vertebra
+            rows, cols = np.nonzero((mask == VERTEBRAE.index(r.vertebra) + 1).any(0))
+            x_mm = geo.ipp[0, 0] + cols.mean() * geo.spacing[0, 1]
+            assert abs(x_mm - r.cx_mm) < 3.0, (it.study_id, r.vertebra)
+        assert bone_share(mask, stack) > 0.9  # the mask lies on bone
+        # the same mask stored in another axis order and flips (its affine adjusted) aligns the same
+        img = nib.load(str(it.mask))
+        other = img.as_reoriented(np.array([[2, -1], [0, 1], [1, -1]]))
+        nib.save(other, root / "reoriented.nii")
+        np.testing.assert_array_equal(align_mask(root / "reoriented.nii", geo, it.shape), mask)
+        # ignoring the affine flips the mask: it leaves the bone or lands on the wrong slices
+        naive = _naive(it.mask)
+        if naive.shape == mask.shape:
+            flipped = bone_share(naive, stack) < 0.6 or not _spans_match(naive, z, t)
+            assert flipped, it.study_id
+
+
+def test_augment_keeps_labels_on_their_voxels():
+    """With no rotation, zoom or shift, augmentation changes intensities only, never labels."""
+    from omegaconf import OmegaConf
+
+    sc = OmegaConf.create({"rotate_deg": 0.0, "scale": 0.0, "shift": 0.0})
+    x = torch.rand(2, 2, 8, 8, 8)
+    y = torch.randint(0, 9, (2, 8, 8, 8))
+    xa, ya = augment(x, y, sc, torch.Generator().manual_seed(0))
+    assert torch.equal(ya, y) and xa.shape == x.shape
+    sc = OmegaConf.create({"rotate_deg": 10.0, "scale": 0.1, "shift": 0.05})
+    _, ya = augment(x, y, sc, torch.Generator().manual_seed(0))
+    assert set(ya.unique().tolist()) <= set(range(9))
+
+
+def test_stage_02_tables_resume_and_test_inference(cached, tmp_path):
+    root, over = cached
+    cfg = load_config(CONFIG, over)
+    paths = Paths.from_config(cfg)
+    report = run_segment(cfg)
+    folds = pd.read_csv(paths.folds, dtype={"study_id": str})
+    items = study_items(paths)
+    segmented = {it.study_id for it in items if it.mask is not None}
+    assert folds[folds["study_id"].isin(segmented)]["fold"].nunique() == 2  # every fold holds one out
+
+    vert = pd.read_csv(paths.vertebrae, dtype={"study_id": str, "series_id": str})
+    assert list(vert.columns) == VERTEBRA_COLUMNS
+    assert vert.groupby(["split", "study_id"]).size().eq(7).all() and len(vert) == 7 * 8
+    assert set(vert.loc[vert["study_id"].isin(segmented), "source"]) == {"oof"}
+    assert set(vert.loc[~vert["study_id"].isin(segmented), "source"]) == {"fold_mean"}
+    missing = [it.study_id for it in items if it.path is None]
+    assert len(missing) == 1 and not vert.loc[vert["study_id"] == missing[0], "found"].any()
+    found = vert[vert["found"]]
+    assert (found["slice_start"] <= found["slice_end"]).all() and (
+        found["row_start"] <= found["row_end"]
+    ).all()
+
+    slices = pd.read_parquet(paths.slice_labels)
+    assert list(slices.columns) == SLICE_COLUMNS
+    n_slices = {it.study_id: it.shape[0] for it in items if it.path is not None}
+    assert slices.groupby("study_id").size().to_dict() == n_slices
+    assert slices[VERTEBRAE].to_numpy().min() >= 0 and slices[VERTEBRAE].to_numpy().max() <= 1
+
+    assert set(report["dice_oof"]["per_vertebra"]) <= set(VERTEBRAE) and report["dice_oof"]["studies"] == 3
+    assert report["mask_bone_share"]["min"] > 0.9 and "summary" in report
+    assert report["truth_agreement"] is not None  # generated data: spans compared with the truth
+    assert paths.localize_report.exists() and (paths.localize_dir / "config.yaml").exists()
+
+    # a rerun trains nothing
+    stamp = paths.segmenter_checkpoint(0, cfg.seed).stat().st_mtime_ns
+    again = run_segment(cfg)
+    assert (
+        again["folds_trained"] == [] and paths.segmenter_checkpoint(0, cfg.seed).stat().st_mtime_ns == stamp
+    )
+
+    # stage 06: the test split of another out_dir, the models read from the first
+    out2 = [
+        *over,
+        f"out_dir={tmp_path / 'predict'}",
+        f"models_from={root / 'out'}",
+        "preprocess.splits=[test]",
+    ]
+    cfg2 = load_config(CONFIG, out2)
+    run_preprocess(cfg2)
+    summary = predict_test(cfg2)
+    test = pd.read_csv(Paths.from_config(cfg2).vertebrae, dtype={"study_id": str})
+    assert list(test.columns) == VERTEBRA_COLUMNS and set(test["source"]) == {"test_mean"}
+    assert set(test["split"]) == {"test"} and test.groupby("study_id").size().eq(7).all()
+    assert summary["studies"] == 2 and summary["studies_without_volume"] == 1
+    assert (
+        len(pd.read_parquet(Paths.from_config(cfg2).slice_labels))
+        == n_slices[next(s for s in test["study_id"].unique() if s in n_slices)]
+    )
+    with pytest.raises(FileNotFoundError, match="segmenter checkpoint"):
+        predict_test(load_config(CONFIG, [*out2, f"models_from={tmp_path / 'nothing'}"]))
+
+
+def test_numba_alignment_matches_numpy_on_a_stored_mask(tmp_path):
+    """The numba kernel of align_mask against bench/align_mask.py's plain numpy version, on a mask
+    stored as the real files are (axes (col, row, slice), flipped): same array, the labels recovered."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_align", REPO_ROOT / "bench/align_mask.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, geo, labels = bench.full_size_case(tmp_path, 40, 64)
+    fast = align_mask(path, geo, labels.shape)
+    np.testing.assert_array_equal(fast, bench.align_mask_numpy(path, geo, labels.shape))
+    np.testing.assert_array_equal(fast, labels)
+    assert len(np.unique(labels)) == 9  # background and the 8 boxes all present
