@@ -13,7 +13,15 @@ import torch
 
 from spine import geometry
 from spine.config import REPO_ROOT, load_config
-from spine.fracture import fill_with_prior, long_frame, metric_loss, predict_test, run_train
+from spine.fracture import (
+    StudyDataset,
+    fill_with_prior,
+    long_frame,
+    metric_loss,
+    predict_test,
+    run_train,
+    study_table,
+)
 from spine.io import save_table
 from spine.models.fracture import noisy_or_logit
 from spine.paths import Paths
@@ -290,6 +298,22 @@ def test_rows_without_a_vertebra_get_the_prior_in_oof_and_nan_at_test():
     filled = fill_with_prior(frame.copy(), np.full(8, 0.25))
     assert filled.loc[1, "fractured"] == 0.25 and filled.loc[1, "reason"].endswith("rate")
     assert (filled.drop(index=1)["reason"] == "").all()
+    complete = long_frame(studies, np.full((1, 8), 0.1))
+    assert fill_with_prior(complete.copy(), np.full(8, 0.25)).equals(complete)  # nothing to fill: unchanged
+
+
+def test_augmentation_repeats_with_the_torch_seed(cropped):
+    """Same torch seed, same augmented sample (albumentations included); another seed, another one."""
+    root, over, _ = cropped
+    paths = Paths.from_config(_cfg("seq25d", over))
+    ds = StudyDataset(paths, study_table(paths, "train"), ["bone"], augment=True)
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return ds[0]["x"]
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
 
 
 def test_crops_of_other_settings_are_refused(cropped):

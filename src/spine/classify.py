@@ -27,7 +27,7 @@ from .paths import Paths, require
 from .tasks import get_task
 from .tasks.lumbar import CONDITIONS, GRADE_WEIGHTS, LEVELS, PRED_COLUMNS, condition_group
 from .train import dist
-from .train.loop import TrainSettings, autocast, fit, load_weights, resolve_device
+from .train.loop import TrainSettings, autocast, fit, load_weights, reseed, resolve_device
 from .train.stage import run_folds
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class CropDataset(Dataset):
         if self.aug is not None:  # one random transform for every slice of every view
             v, s, p, _ = x.shape
             x = (
-                self.aug(image=x.reshape(v * s, p, p).transpose(1, 2, 0))["image"]
+                reseed(self.aug)(image=x.reshape(v * s, p, p).transpose(1, 2, 0))["image"]
                 .transpose(2, 0, 1)
                 .reshape(x.shape)
             )
@@ -213,6 +213,7 @@ def train_fold(cfg, paths: Paths, rows: pd.DataFrame, fold_of: dict, fold: int, 
     if dist.is_main():
         claim(ckpt, key)
     dist.barrier()
+    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
     model = build_model(cfg)
     history = []
     if ckpt.exists():

@@ -38,7 +38,7 @@ from .paths import Paths, require
 from .tasks import get_task
 from .tasks.cervical import TARGETS, VERTEBRAE, WEIGHTS
 from .train import dist
-from .train.loop import TrainSettings, autocast, fit, load_weights
+from .train.loop import TrainSettings, autocast, fit, load_weights, reseed
 from .train.stage import run_folds, torch_threads
 from .vertebra_crops import AIR_HU, VIEW
 
@@ -185,6 +185,7 @@ class StudyDataset(Dataset):
         hu = np.load(self.paths.crop_array(r["split"], r["study_id"], VIEW)).astype(np.float32)
         if self.aug is not None:  # torch's generator: seeded by the training loop, distinct per worker
             rng = np.random.default_rng(int(torch.randint(2**31, ())))
+            reseed(self.aug)
             for v in np.flatnonzero(r["found"]):
                 self._augment(hu[v].copy(), rng, hu[v])
         x = input_channels(hu, self.names).transpose(1, 0, 2, 3, 4)  # (7, C, D, H, W)
@@ -326,6 +327,8 @@ def label_rates(studies: pd.DataFrame) -> np.ndarray:
 def fill_with_prior(frame: pd.DataFrame, rates: np.ndarray) -> pd.DataFrame:
     """Rows the model could not predict get their target's rate; ``reason`` says why and so."""
     missing = frame["fractured"].isna()
+    if not missing.any():
+        return frame
     rate_of = dict(zip(TARGETS, rates))
     frame.loc[missing, "fractured"] = frame.loc[missing, "target"].map(rate_of)
     frame.loc[missing, "reason"] = frame.loc[missing, "reason"] + FILLED
@@ -368,6 +371,7 @@ def train_fold(cfg, paths: Paths, studies: pd.DataFrame, fold_of: dict, fold: in
     if dist.is_main():
         claim(ckpt, key)
     dist.barrier()
+    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
     model = build_model(cfg)
     history = []
     if ckpt.exists():
@@ -399,7 +403,7 @@ def train_fold(cfg, paths: Paths, studies: pd.DataFrame, fold_of: dict, fold: in
 def oof_frame(model, paths, held, train, tc, device, fold: int, seed: int) -> pd.DataFrame:
     """The held-out studies' rows in submission format, gaps filled with the training folds' rates."""
     frame = long_frame(held, predict_studies(model, paths, held, tc, device))
-    frame = fill_with_prior(frame, label_rates(train)) if frame["fractured"].isna().any() else frame
+    frame = fill_with_prior(frame, label_rates(train))
     frame = frame.assign(fold=fold, seed=seed)
     return frame[["row_id", "fractured", "study_id", "target", "fold", "seed", "reason"]]
 

@@ -30,7 +30,7 @@ from .models.heatmap import SliceHeatmapNet, decode_peaks, heatmap_loss
 from .paths import Paths, require
 from .points import POINT_COLUMNS, label_points, stack_geometries
 from .tasks.lumbar import LEVELS, LOCALIZER_TARGETS
-from .train.loop import TrainSettings, autocast, fit, load_weights, resolve_device
+from .train.loop import TrainSettings, autocast, fit, load_weights, reseed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class StackDataset(Dataset):
         t = to_resized(item.targets, item.shape, self.size)
         if self.aug is not None:
             valid = ~np.isnan(t).any(1)
-            out = self.aug(image=img, keypoints=t[valid][:, [2, 1]])
+            out = reseed(self.aug)(image=img, keypoints=t[valid][:, [2, 1]])
             img = out["image"]
             t[valid, 1:] = np.asarray(out["keypoints"])[:, [1, 0]]
         d = img.shape[2]
@@ -263,6 +263,7 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
     ]
     ckpt = paths.localizer_checkpoint(MODEL_NAME, fold, cfg.seed)
     claim(ckpt, key)
+    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
     model = build_model(lc)
     if ckpt.exists():
         model = load_weights(model, ckpt, device)

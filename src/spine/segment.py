@@ -597,6 +597,7 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
         raise RuntimeError(f"fold {fold}: no segmented study to train on outside the fold")
     ckpt = paths.segmenter_checkpoint(fold, cfg.seed)
     claim(ckpt, key)
+    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
     model = build_model(sc)
     if ckpt.exists():
         model = load_weights(model, ckpt, device)

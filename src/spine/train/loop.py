@@ -27,6 +27,17 @@ from . import dist
 log = logging.getLogger(__name__)
 
 
+def reseed(aug):
+    """An albumentations pipeline seeded from torch's generator; call it once per sample.
+
+    albumentations draws from generators of its own, seeded from OS entropy unless told, so two runs
+    with the same ``seed`` would train on different augmentations. torch's generator is seeded by
+    ``fit`` (main process) and by the DataLoader per worker, so these draws repeat from run to run.
+    """
+    aug.set_random_seed(int(torch.randint(2**31, ())))
+    return aug
+
+
 @dataclass
 class TrainSettings:
     epochs: int
