@@ -17,18 +17,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .io import claim, fingerprint, mark_current, save_table
+from .io import claim, mark_current, save_table
 from .models.classifier import build_classifier
 from .paths import Paths, require
 from .tasks import get_task
 from .tasks.lumbar import CONDITIONS, GRADE_WEIGHTS, LEVELS, PRED_COLUMNS, condition_group
 from .train import dist
 from .train.loop import TrainSettings, autocast, fit, load_weights, reseed, resolve_device
-from .train.stage import run_folds
+from .train.stage import fold_key, run_folds
 
 log = logging.getLogger(__name__)
 
@@ -185,22 +184,6 @@ def build_model(cfg) -> torch.nn.Module:
     return build_classifier(cfg.train, len(cfg.train.views), cfg.crop.n_slices, heads_spec())
 
 
-def fold_key(cfg, paths: Paths) -> str:
-    """What a fold's model and OOF predictions are made from: the folds, the crops, the stage's config."""
-    train = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.train).items()
-        if k not in ("folds", "loader_workers", "pin_memory", "device", "validate_every_epoch")
-    }
-    return fingerprint(
-        paths.folds.read_text(),
-        train,
-        OmegaConf.to_container(cfg.crop),
-        cfg.seed,
-        paths.crop_manifest.stat().st_size,
-    )
-
-
 def train_fold(cfg, paths: Paths, rows: pd.DataFrame, fold_of: dict, fold: int, device) -> dict:
     """Train one fold (or load its checkpoint) and write its out-of-fold predictions."""
     tc = cfg.train
@@ -298,7 +281,7 @@ def oof_report(paths: Paths, oof: pd.DataFrame, rows: pd.DataFrame, fold_of: dic
 
 def run_train(cfg) -> dict:
     """Stage 04: train the folds of ``fold`` / ``train.folds`` (default all); write oof.csv and a report."""
-    return run_folds(cfg, lambda paths, _: train_rows(paths), fold_key, train_fold, oof_report)
+    return run_folds(cfg, lambda paths, _: train_rows(paths), train_fold, oof_report)
 
 
 def predict_test(cfg) -> pd.DataFrame:

@@ -27,19 +27,18 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from .classify import make_loader
 from .ct import window
-from .io import claim, fingerprint, mark_current, save_table
+from .io import claim, mark_current, save_table
 from .models.fracture import build_fracture_model
 from .paths import Paths, require
 from .tasks import get_task
 from .tasks.cervical import TARGETS, VERTEBRAE, WEIGHTS
 from .train import dist
 from .train.loop import TrainSettings, autocast, fit, load_weights, reseed
-from .train.stage import run_folds, torch_threads
+from .train.stage import fold_key, run_folds, torch_threads
 from .vertebra_crops import AIR_HU, VIEW
 
 log = logging.getLogger(__name__)
@@ -344,23 +343,6 @@ def build_model(cfg) -> torch.nn.Module:
     return build_fracture_model(cfg.train, int(cfg.crop.depth))
 
 
-def fold_key(cfg, paths: Paths) -> str:
-    """What a fold's model and OOF predictions are made from: the folds, the crops, the stage's config."""
-    train = {
-        k: v
-        for k, v in OmegaConf.to_container(cfg.train).items()
-        if k
-        not in ("folds", "loader_workers", "pin_memory", "device", "validate_every_epoch", "torch_threads")
-    }
-    return fingerprint(
-        paths.folds.read_text(),
-        train,
-        OmegaConf.to_container(cfg.crop),
-        cfg.seed,
-        paths.crop_manifest.stat().st_size,
-    )
-
-
 def train_fold(cfg, paths: Paths, studies: pd.DataFrame, fold_of: dict, fold: int, device) -> dict:
     """Train one fold (or load its checkpoint) and write its out-of-fold predictions."""
     tc = cfg.train
@@ -476,9 +458,7 @@ def oof_report(paths: Paths, oof: pd.DataFrame, studies: pd.DataFrame, fold_of: 
 def run_train(cfg) -> dict:
     """Stage 04: train the folds of ``fold`` / ``train.folds`` (default all); write oof.csv and a report."""
     with torch_threads(cfg.train.torch_threads):
-        return run_folds(
-            cfg, load_studies, fold_key, train_fold, oof_report, {"study_id": str, "reason": str}
-        )
+        return run_folds(cfg, load_studies, train_fold, oof_report, {"study_id": str, "reason": str})
 
 
 def load_studies(paths: Paths, cfg) -> pd.DataFrame:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
 from ..config import save_config
 from ..folds import load_folds
-from ..io import is_current, save_table, save_text
+from ..io import fingerprint, is_current, save_table, save_text
 from ..paths import Paths
 from ..report import score_summary
 from . import dist
@@ -36,10 +37,26 @@ def torch_threads(n):
         torch.set_num_threads(before)
 
 
+# train.* keys that change how a fold runs, never what it learns
+RUN_ONLY_KEYS = ("folds", "loader_workers", "pin_memory", "device", "validate_every_epoch", "torch_threads")
+
+
+def fold_key(cfg, paths: Paths) -> str:
+    """What a stage-04 fold's model and OOF rows are made from: the folds, the crops, the train config
+    (less ``RUN_ONLY_KEYS``) and the seed."""
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train).items() if k not in RUN_ONLY_KEYS}
+    return fingerprint(
+        paths.folds.read_text(),
+        train,
+        OmegaConf.to_container(cfg.crop),
+        cfg.seed,
+        paths.crop_manifest.stat().st_size,
+    )
+
+
 def run_folds(
     cfg,
     load_items: Callable,
-    fold_key: Callable,
     train_fold: Callable,
     oof_report: Callable,
     oof_dtype: dict | None = None,
