@@ -1,5 +1,7 @@
 """Stage 02 (cervical): masks aligned to the cached stacks by geometry, and a tiny end-to-end run."""
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -152,12 +154,18 @@ def test_stage_02_tables_resume_and_test_inference(cached, tmp_path):
     assert report["truth_agreement"] is not None  # generated data: spans compared with the truth
     assert paths.localize_report.exists() and (paths.localize_dir / "config.yaml").exists()
 
-    # a rerun trains nothing
+    # a rerun trains nothing and keeps the fold-mean predictions
     stamp = paths.segmenter_checkpoint(0, cfg.seed).stat().st_mtime_ns
+    mean_stamp = paths.segmenter_mean_predictions.stat().st_mtime_ns
     again = run_segment(cfg)
     assert (
         again["folds_trained"] == [] and paths.segmenter_checkpoint(0, cfg.seed).stat().st_mtime_ns == stamp
     )
+    assert paths.segmenter_mean_predictions.stat().st_mtime_ns == mean_stamp
+    # a fold retrained since (its checkpoint rewritten) remakes them
+    os.utime(paths.segmenter_checkpoint(0, cfg.seed), ns=(stamp + 10**9, stamp + 10**9))
+    run_segment(cfg)
+    assert paths.segmenter_mean_predictions.stat().st_mtime_ns != mean_stamp
 
     # stage 06: the test split of another out_dir, the models read from the first
     out2 = [

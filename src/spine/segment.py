@@ -667,7 +667,9 @@ def _run_segment(cfg) -> dict:
         pd.read_csv(paths.segmenter_predictions(f), dtype={"study_id": str, "series_id": str}) for f in folds
     ]
     oof = pd.concat(parts, ignore_index=True)
-    mean_key = fingerprint(key, folds)
+    # and the fold models themselves: a fold retrained since (its checkpoint rewritten) remakes the mean
+    ckpts = [paths.segmenter_checkpoint(f, cfg.seed) for f in folds]
+    mean_key = fingerprint(key, folds, [c.stat().st_mtime_ns if c.exists() else None for c in ckpts])
     if not is_current(paths.segmenter_mean_predictions, mean_key):
         others = [it for it in items if it.study_id not in set(oof["study_id"])]
         device = resolve_device(sc.device)
