@@ -16,8 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from spine.points import StackGeometry
-from spine.segment import LPS_TO_RAS, align_mask
+from spine.cervical.segment import LPS_TO_RAS, align_mask
+from spine.core.stacks import StackGeometry
 
 
 def align_mask_numpy(nifti: Path, geo: StackGeometry, shape) -> np.ndarray:

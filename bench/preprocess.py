@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from spine.config import REPO_ROOT, load_config
-from spine.preprocess import list_jobs, run_preprocess
-from spine.synth import generate
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.preprocess import list_jobs, run_preprocess
+from spine.core.synth import generate
 
 
 def plain_loop(folders: list[Path]) -> int:

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from spine.config import REPO_ROOT
-from spine.synth import generate
+from spine.core.config import REPO_ROOT
+from spine.core.synth import generate
 
 # Runs in the child: stage 01 (or only its imports and config), then the peak RSS in bytes on stdout.
 CHILD = """
 import json, resource, sys
 from pathlib import Path
-from spine.config import load_config
-from spine.preprocess import run_preprocess
+from spine.core.config import load_config
+from spine.core.preprocess import run_preprocess
 cfg = load_config(sys.argv[1], sys.argv[3:])
 summary = run_preprocess(cfg) if sys.argv[2] == "run" else {}
 # VmHWM is this process's own high-water mark; ru_maxrss would carry over the parent's across exec

@@ -11,12 +11,12 @@ import argparse
 import json
 import time
 
-from spine.cli import setup_logging
-from spine.config import load_config
-from spine.io import save_text
-from spine.paths import truth_dir
-from spine.report import print_summary
-from spine.synth import GENERATORS, generate
+from spine.core.cli import setup_logging
+from spine.core.config import load_config
+from spine.core.io import save_text
+from spine.core.paths import truth_dir
+from spine.core.report import print_summary
+from spine.core.synth import generate, generator_tasks
 
 
 def _args(argv):
@@ -24,7 +24,7 @@ def _args(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="take task, data_dir (as --out) and demo_data sizes from a config")
-    parser.add_argument("--task", choices=sorted(GENERATORS))
+    parser.add_argument("--task", choices=generator_tasks())
     parser.add_argument("--out", help="folder to write (replaced only if it was generated before)")
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=8)

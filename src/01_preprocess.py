@@ -3,9 +3,9 @@
 python src/01_preprocess.py --config configs/lumbar/demo.yaml [key=value ...]
 """
 
-from spine.cli import parse_stage_args
-from spine.preprocess import run_preprocess
-from spine.report import print_summary
+from spine.core.cli import parse_stage_args
+from spine.core.preprocess import run_preprocess
+from spine.core.report import print_summary
 
 
 def main(argv=None) -> dict:

@@ -6,9 +6,9 @@ Lumbar writes localize/<task>/points.csv (OOF for train, fold mean for test) and
 cervical writes localize/<task>/vertebrae.csv, slices.parquet and report.json.
 """
 
-from spine.cli import parse_stage_args
-from spine.report import print_summary, stage_summary
-from spine.tasks import get_task
+from spine.core.cli import parse_stage_args
+from spine.core.report import print_summary, stage_summary
+from spine.registry import get_task
 
 
 def main(argv=None) -> dict:

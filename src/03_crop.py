@@ -5,9 +5,9 @@ implementation.
 python src/03_crop.py --config configs/lumbar/demo.yaml [crop.points=label] [key=value ...]
 """
 
-from spine.cli import parse_stage_args
-from spine.report import print_summary, stage_summary
-from spine.tasks import get_task
+from spine.core.cli import parse_stage_args
+from spine.core.report import print_summary, stage_summary
+from spine.registry import get_task
 
 
 def main(argv=None) -> dict:

@@ -7,10 +7,10 @@ resumable per fold, and writes models/<task>/<exp>/fold{k}_seed{s}.pt and
 oof/<task>/<exp>/{fold{k}.csv, oof.csv, report.json}.
 """
 
-from spine.cli import parse_member_args
-from spine.report import print_summary, stage_summary
-from spine.tasks import get_task
-from spine.train import dist
+from spine.core.cli import parse_member_args
+from spine.core.report import print_summary, stage_summary
+from spine.core.train import dist
+from spine.registry import get_task
 
 
 def main(argv=None) -> dict:

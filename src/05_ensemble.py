@@ -6,9 +6,9 @@ the study folds; writes models/<task>/ensemble_<exp>/spec.json (the best one, re
 and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
 """
 
-from spine.cli import parse_member_args
-from spine.ensemble import run_ensemble
-from spine.report import print_summary, stage_summary
+from spine.core.cli import parse_member_args
+from spine.core.ensemble import run_ensemble
+from spine.core.report import print_summary, stage_summary
 
 
 def main(argv=None) -> dict:

@@ -6,9 +6,9 @@ stacks the members with stage 05's spec, and writes the submission in sample_sub
 with a report (seconds per study, peak memory, fallbacks, and on generated data the test score).
 """
 
-from spine.cli import parse_member_args
-from spine.predict import run_predict
-from spine.report import print_summary, stage_summary
+from spine.core.cli import parse_member_args
+from spine.core.predict import run_predict
+from spine.core.report import print_summary, stage_summary
 
 
 def main(argv=None) -> dict:

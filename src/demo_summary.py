@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from spine.config import load_config, member_configs
-from spine.paths import Paths
+from spine.core.config import load_config, member_configs
+from spine.core.paths import Paths
 
 
 def _score(path, *keys):

@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spine.cli import setup_logging
-from spine.config import REPO_ROOT, git_commit, load_config, member_configs
-from spine.paths import Paths, require
+from spine.core.cli import setup_logging
+from spine.core.config import REPO_ROOT, git_commit, load_config, member_configs
+from spine.core.paths import Paths, require
 
 REPO_PARTS = ["src", "configs", "requirements.txt", "pyproject.toml"]
 MODEL_FILES = ("*.pt", "*.json", "config.yaml")  # not resume states (*.last) or fingerprints (*.key)

@@ -1,13 +1,14 @@
-"""Overlays for a person: labelled vs predicted points on sagittal slices, axial crop boxes, crops.
+"""Overlays for a person (lumbar: labelled vs predicted points on sagittal slices, axial crop boxes,
+crops). A task without overlays says so and exits 0.
 
 python src/plot_overlays.py --config configs/lumbar/demo.yaml [--n 3] [--out DIR] [key=value ...]
 """
 
 import argparse
 
-from spine.cli import setup_logging
-from spine.config import load_config
-from spine.viz import write_overlays
+from spine.core.cli import setup_logging
+from spine.core.config import load_config
+from spine.registry import get_task
 
 
 def main(argv=None) -> list:
@@ -18,7 +19,12 @@ def main(argv=None) -> list:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data_dir=/data out_dir=/tmp/x")
     args = parser.parse_args(argv)
     setup_logging()
-    written = write_overlays(load_config(args.config, args.overrides), n=args.n, out=args.out)
+    cfg = load_config(args.config, args.overrides)
+    task = get_task(cfg.task)
+    if "overlays" not in task.runners:
+        print(f"overlays: task {task.name!r} has none; nothing to do")
+        return []
+    written = task.runner("overlays")(cfg, n=args.n, out=args.out)
     print(f"wrote {len(written)} overlays to {written[0].parent if written else '(none)'}")
     return written
 

@@ -10,8 +10,8 @@ import argparse
 
 import pandas as pd
 
-from spine.report import print_summary
-from spine.tasks import TASKS, get_task
+from spine.core.report import print_summary
+from spine.registry import TASKS, get_task
 
 
 def main(argv=None) -> dict:

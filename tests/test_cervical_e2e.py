@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine.config import REPO_ROOT
-from spine.synth import generate
-from spine.tasks import get_task
-from spine.tasks.cervical import TARGETS
+from spine.cervical.task import TARGETS
+from spine.core.config import REPO_ROOT
+from spine.core.synth import generate
+from spine.registry import get_task
 
 CONFIG = "configs/cervical/demo.yaml"
 TINY = [

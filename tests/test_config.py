@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from spine.config import REPO_ROOT, load_config, save_config
-from spine.paths import Paths
-from spine.tasks import get_task
+from spine.core.config import REPO_ROOT, load_config, save_config
+from spine.core.paths import Paths
+from spine.registry import get_task
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*/*.yaml"))
 

@@ -8,15 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine import crops, geometry
-from spine.config import REPO_ROOT, load_config
-from spine.crops import CropSpec, StackRef
-from spine.io import save_table
-from spine.paths import Paths
-from spine.points import POINT_COLUMNS, StackGeometry, label_points
-from spine.preprocess import run_preprocess
-from spine.synth import generate
-from spine.tasks.lumbar import CONDITION_SERIES, CONDITIONS, LEVELS, LumbarTask
+from spine.core import geometry
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.io import save_table
+from spine.core.paths import Paths
+from spine.core.preprocess import run_preprocess
+from spine.core.stacks import StackGeometry
+from spine.core.synth import generate
+from spine.lumbar import crops
+from spine.lumbar.crops import CropSpec, StackRef
+from spine.lumbar.points import POINT_COLUMNS, label_points
+from spine.lumbar.task import CONDITION_SERIES, CONDITIONS, LEVELS, LumbarTask
 
 SAG_IOP = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])  # columns run posterior, rows run inferior
 AX_IOP = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])

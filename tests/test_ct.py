@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spine import ct
+from spine.cervical import ct
 
 
 def test_windows_map_known_hu_values():

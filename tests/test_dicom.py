@@ -6,7 +6,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import get_decoder
 
-from spine.dicom import SUPPORTED_SYNTAXES, DicomError, read_instance
+from spine.core.dicom import SUPPORTED_SYNTAXES, DicomError, read_instance
 
 
 def _file(name):

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from spine import ensemble
-from spine.config import REPO_ROOT
-from spine.tasks import get_task
+from spine.core import ensemble
+from spine.core.config import REPO_ROOT
+from spine.registry import get_task
 
 EC = OmegaConf.load(REPO_ROOT / "configs/defaults.yaml").ensemble
 

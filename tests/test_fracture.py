@@ -11,9 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spine import geometry
-from spine.config import REPO_ROOT, load_config
-from spine.fracture import (
+from spine.cervical.crops import AIR_HU, VERTEBRA_COLUMNS, list_studies, resample_vertebra, run_crops
+from spine.cervical.fracture import (
     StudyDataset,
     fill_with_prior,
     long_frame,
@@ -22,14 +21,15 @@ from spine.fracture import (
     run_train,
     study_table,
 )
-from spine.io import save_table
-from spine.models.fracture import noisy_or_logit
-from spine.paths import Paths
-from spine.preprocess import run_preprocess
-from spine.synth import generate
-from spine.tasks import get_task
-from spine.tasks.cervical import TARGETS, VERTEBRAE
-from spine.vertebra_crops import AIR_HU, VERTEBRA_COLUMNS, list_studies, resample_vertebra, run_crops
+from spine.cervical.models.fracture import noisy_or_logit
+from spine.cervical.task import TARGETS, VERTEBRAE
+from spine.core import geometry
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.io import save_table
+from spine.core.paths import Paths
+from spine.core.preprocess import run_preprocess
+from spine.core.synth import generate
+from spine.registry import get_task
 
 # in-plane extent of a vertebra around its centre (mm, LPS): transverse processes, C1's ring, and the
 # spinous process reaching ~45 mm behind the body centre

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from spine import geometry as g
+from spine.core import geometry as g
 
 SAG_IOP = [0, 1, 0, 0, 0, -1]  # rows run posterior, columns run inferior
 AX_IOP = [1, 0, 0, 0, 1, 0]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from spine.io import atomic_path, claim, fingerprint, is_current, mark_current, save_text
+from spine.core.io import atomic_path, claim, fingerprint, is_current, mark_current, save_text
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from spine.config import REPO_ROOT, load_config
-from spine.folds import load_folds, make_folds
-from spine.localize import CHANNELS, allowed_slices, from_cells, run_localize, to_resized
-from spine.models.heatmap import decode_peaks, heatmap_loss
-from spine.paths import Paths
-from spine.preprocess import run_preprocess
-from spine.synth import generate
-from spine.train.loop import TrainSettings, fit
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.folds import load_folds, make_folds
+from spine.core.paths import Paths
+from spine.core.preprocess import run_preprocess
+from spine.core.synth import generate
+from spine.core.train.loop import TrainSettings, fit
+from spine.lumbar.localize import CHANNELS, allowed_slices, from_cells, run_localize, to_resized
+from spine.lumbar.models.heatmap import decode_peaks, heatmap_loss
 
 
 def test_resize_and_cell_mappings_round_trip():

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from spine import ensemble
-from spine.config import REPO_ROOT
-from spine.paths import truth_dir
-from spine.synth import generate
-from spine.tasks import get_task
+from spine.core import ensemble
+from spine.core.config import REPO_ROOT
+from spine.core.paths import truth_dir
+from spine.core.synth import generate
+from spine.registry import get_task
 
 CONFIG = "configs/lumbar/demo.yaml"
 TINY = [

@@ -5,11 +5,11 @@ import pandas as pd
 import pydicom
 import pytest
 
-from spine import geometry
-from spine.config import REPO_ROOT, load_config
-from spine.paths import Paths
-from spine.preprocess import load_volume, run_preprocess
-from spine.synth.dicom_writer import write_slice
+from spine.core import geometry
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.paths import Paths
+from spine.core.preprocess import load_volume, run_preprocess
+from spine.core.synth.dicom_writer import write_slice
 
 SAG = [0, 1, 0, 0, 0, -1]
 AX = [1, 0, 0, 0, 1, 0]
@@ -181,7 +181,7 @@ def test_unsupported_transfer_syntax_is_counted(lumbar_dir, tmp_path):
 def test_resume_after_interruption(lumbar_dir, tmp_path, monkeypatch):
     cfg = _cfg("lumbar", lumbar_dir, tmp_path / "out")
     paths = Paths.from_config(cfg)
-    import spine.preprocess as pre
+    import spine.core.preprocess as pre
 
     calls = {"n": 0}
     real_save = pre.save_npy

@@ -8,11 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from spine import ct
-from spine.config import REPO_ROOT, load_config
-from spine.paths import Paths
-from spine.preprocess import run_preprocess
-from spine.segment import (
+from spine.cervical import ct
+from spine.cervical.segment import (
     SLICE_COLUMNS,
     VERTEBRA_COLUMNS,
     align_mask,
@@ -23,8 +20,11 @@ from spine.segment import (
     run_segment,
     study_items,
 )
-from spine.synth import generate
-from spine.tasks.cervical import VERTEBRAE
+from spine.cervical.task import VERTEBRAE
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.paths import Paths
+from spine.core.preprocess import run_preprocess
+from spine.core.synth import generate
 
 CONFIG = REPO_ROOT / "configs/cervical/demo.yaml"
 TINY = [

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spine import geometry
-from spine.config import REPO_ROOT
-from spine.paths import truth_dir
+from spine.core import geometry
+from spine.core.config import REPO_ROOT
+from spine.core.paths import truth_dir
 
 
 def _stage(name):

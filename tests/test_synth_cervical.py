@@ -9,10 +9,10 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from spine import geometry
-from spine.paths import truth_dir
-from spine.synth import cervical
-from spine.tasks.cervical import TARGETS, TRAIN_COLUMNS, VERTEBRAE, CervicalTask
+from spine.cervical import synth as cervical
+from spine.cervical.task import TARGETS, TRAIN_COLUMNS, VERTEBRAE, CervicalTask
+from spine.core import geometry
+from spine.core.paths import truth_dir
 
 N_TRAIN, N_TEST, SEED = 5, 3, 7
 SIZE, SLICES = 96, 64

@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 
-from spine import geometry
-from spine.paths import truth_dir
-from spine.synth import lumbar
-from spine.tasks.lumbar import (
+from spine.core import geometry
+from spine.core.paths import truth_dir
+from spine.lumbar import synth as lumbar
+from spine.lumbar.task import (
     CONDITION_NAMES,
     CONDITION_SERIES,
     CONDITIONS,

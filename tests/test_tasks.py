@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss
 
-from spine.tasks import get_task
-from spine.tasks.lumbar import CONDITIONS, LEVELS, PRED_COLUMNS, TARGETS
+from spine.lumbar.task import CONDITIONS, LEVELS, PRED_COLUMNS, TARGETS
+from spine.registry import get_task
 
 LUMBAR = get_task("lumbar")
 CERVICAL = get_task("cervical")

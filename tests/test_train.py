@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from spine.classify import build_model, prior_probs, run_train, train_rows
-from spine.config import REPO_ROOT, load_config
-from spine.crops import run_crops
-from spine.io import save_table
-from spine.paths import Paths
-from spine.points import label_points
-from spine.preprocess import run_preprocess
-from spine.synth import generate
-from spine.tasks.lumbar import PRED_COLUMNS
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.io import save_table
+from spine.core.paths import Paths
+from spine.core.preprocess import run_preprocess
+from spine.core.synth import generate
+from spine.lumbar.classify import build_model, prior_probs, run_train, train_rows
+from spine.lumbar.crops import run_crops
+from spine.lumbar.points import label_points
+from spine.lumbar.task import PRED_COLUMNS
 
 TINY = [
     "num_workers=1",

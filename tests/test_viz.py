@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from spine.config import REPO_ROOT, load_config
-from spine.crops import run_crops
-from spine.io import save_table
-from spine.paths import Paths
-from spine.points import label_points
-from spine.preprocess import run_preprocess
-from spine.synth import generate
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.io import save_table
+from spine.core.paths import Paths
+from spine.core.preprocess import run_preprocess
+from spine.core.synth import generate
+from spine.lumbar.crops import run_crops
+from spine.lumbar.points import label_points
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "lumbar_localization.ipynb"
 

@@ -1,0 +1,858 @@
+"""Stage 02 (cervical): segment the vertebrae C1..C7 with a 3D UNet, trained on study folds.
+
+Targets are the ``segmentations/*.nii`` masks (only some train studies have one; labels 1..7 = C1..C7,
+8 and up = thoracic). A mask's voxel axes are not those of the DICOM slices, so each mask is mapped
+onto the cached stack **by geometry**: every cached pixel (slice k, row r, col c) is placed in
+patient LPS mm by its slice's ImagePositionPatient / ImageOrientationPatient / PixelSpacing, turned
+into RAS (x and y negated: NIfTI affines are RAS, DICOM is LPS) and into a mask voxel through the
+inverse of the NIfTI affine (``align_mask``). No axis order is assumed.
+
+Model (``spine.cervical.models.unet.UNet3D``): every study is resampled to a fixed grid (``segment.grid``,
+e.g. 64³ on CPU, 128³ on a GPU) with the HU windows of ``segment.windows`` as channels
+(``spine.cervical.ct``); the UNet predicts 9 classes (background, C1..C7, thoracic) over the whole volume,
+because which of the look-alike C3..C7 a vertebra is follows from counting down the neck. Loss: cross
+entropy + soft Dice; random affine and intensity augmentation per batch.
+
+Folds: the shared study folds (``spine.core.folds.load_folds``); the model of fold k trains on the
+segmented studies of the other folds and predicts its own held-out segmented studies (source
+``oof``). Every other study (train without a mask, test) is predicted once by the mean of all fold
+models' probabilities (source ``fold_mean``); stage 06 does the same for a new test split
+(``predict_test``, source ``test_mean``).
+
+Reduction to the cached stack: the grid probabilities are interpolated back to every cached slice and
+pixel (a few slices at a time); each voxel takes its most likely class, restricted to that class's
+largest connected component on the grid (dilated by one voxel), which drops stray islands. Outputs:
+
+- ``paths.vertebrae`` (``VERTEBRA_COLUMNS``): one row per (split, study, vertebra C1..C7) of every
+  study, found or not: slice span and pixel box in the cached stack (inclusive; NaN when not found),
+  predicted voxels, confidence = mean max-probability over its voxels, source.
+- ``paths.slice_labels`` (``SLICE_COLUMNS``): per cached slice of every study, each vertebra's
+  probability of being on it (the max over the slice of its probability, within its component).
+- ``paths.localize_report``: OOF Dice per vertebra over the segmented studies, the share of studies
+  with C1..C7 all found in superior-to-inferior order, a mask alignment check (share of mask voxels on
+  bone) and, on generated data, the agreement of the slice spans with the truth folder's (read by the
+  report only, never by a prediction).
+
+Resumable: each fold's model and predictions are marked with a fingerprint of what made them (folds,
+config, seed, cache, masks); a rerun skips current folds and retrains stale ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numba
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+from spine.cervical import ct
+from spine.cervical.models.unet import UNet3D
+from spine.cervical.task import VERTEBRAE
+from spine.core.config import save_config
+from spine.core.folds import load_folds
+from spine.core.io import claim, fingerprint, is_current, mark_current, save_table, save_text
+from spine.core.paths import Paths, require
+from spine.core.stacks import StackGeometry, stack_geometries
+from spine.core.train.loop import TrainSettings, autocast, fit, load_weights, resolve_device
+from spine.core.train.stage import torch_threads
+
+log = logging.getLogger(__name__)
+
+CLASSES = ["background", *VERTEBRAE, "thoracic"]  # model classes; mask label l -> min(l, 8)
+N_CLASSES = len(CLASSES)
+VERTEBRA_COLUMNS = [
+    "study_id",
+    "split",
+    "vertebra",
+    "series_id",
+    "stack",
+    "found",
+    "slice_start",
+    "slice_end",
+    "row_start",
+    "row_end",
+    "col_start",
+    "col_end",
+    "voxels",
+    "confidence",
+    "source",
+]
+SLICE_COLUMNS = ["study_id", "split", "series_id", "stack", "index", *VERTEBRAE, "source"]
+DICE_COLUMNS = ["fold", "overlap", "true_voxels", "raw_voxels", "raw_overlap"]  # per-fold files only
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+BONE_HU = 150.0  # the alignment check: mask voxels at or above this are on bone
+
+
+# =============================================================================================
+# Studies and masks
+# =============================================================================================
+
+
+@dataclass
+class StudyItem:
+    """One study's stack to segment (``path`` None when it has no readable volume), and its mask."""
+
+    study_id: str
+    split: str
+    series_id: str | None
+    stack: int
+    path: str | None
+    shape: tuple[int, int, int] | None
+    mask: Path | None = None
+
+
+def mask_path(data_dir: Path, study_id) -> Path | None:
+    """The study's segmentation file (``segmentations/{study}.nii`` or ``.nii.gz``), or None."""
+    for suffix in (".nii", ".nii.gz"):
+        p = Path(data_dir) / "segmentations" / f"{study_id}{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def study_items(paths: Paths, splits=("train", "test")) -> list[StudyItem]:
+    """One item per study of ``splits`` in the stage-01 cache: its longest stack, or no path when the
+    study has none readable (it still gets its 7 rows, found=False). Train studies get their mask."""
+    series = pd.read_parquet(require(paths.series_table, "01_preprocess"))
+    series = series.astype({"study_id": str, "series_id": str})
+    items = []
+    for (split, study), g in series[series["split"].isin(splits)].groupby(["split", "study_id"], sort=True):
+        ok = g[g["status"] == "ok"]
+        if not len(ok):
+            items.append(StudyItem(study, split, str(g["series_id"].iloc[0]), -1, None, None))
+            continue
+        r = ok.sort_values("n_slices").iloc[-1]
+        mask = mask_path(paths.data_dir, study) if split == "train" else None
+        shape = (int(r["n_slices"]), int(r["rows"]), int(r["cols"]))
+        items.append(StudyItem(study, split, r["series_id"], int(r["stack"]), r["path"], shape, mask))
+    return items
+
+
+def geometries(paths: Paths) -> dict[tuple, StackGeometry]:
+    """(study_id, series_id, stack) → geometry of every cached stack, ids as strings."""
+    inst = pd.read_parquet(paths.instance_table).astype({"study_id": str, "series_id": str})
+    return stack_geometries(inst)
+
+
+def align_mask(nifti: Path, geo: StackGeometry, shape: tuple[int, int, int]) -> np.ndarray:
+    """The NIfTI mask resampled onto the cached stack's voxels (nearest), uint8 (slices, rows, cols).
+
+    Each cached pixel goes to patient LPS through its slice's geometry, to RAS (x, y negated), then to a
+    mask voxel through the inverse NIfTI affine; pixels outside the mask's extent are 0. Works for any
+    axis order or flip the file was stored in, and for slices missing from the stack.
+    """
+    img = nib.load(str(nifti))
+    data = np.asanyarray(img.dataobj)
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 else data
+    inv = np.linalg.inv(img.affine)
+    m, t = inv[:3, :3] @ LPS_TO_RAS, inv[:3, 3]
+    origin = geo.ipp @ m.T + t  # (n, 3): each slice's first pixel, in mask voxels
+    step_row = (geo.iop[:, 3:] * geo.spacing[:, :1]) @ m.T  # one row down: along the column direction
+    step_col = (geo.iop[:, :3] * geo.spacing[:, 1:]) @ m.T  # one column right: along the row direction
+    out = np.zeros(shape, dtype=np.uint8)
+    _sample_nearest(np.asarray(data, dtype=np.uint8), origin, step_row, step_col, out)  # any memory order
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample_nearest(data, origin, step_row, step_col, out):  # pragma: no cover - compiled
+    """out[k, r, c] = data[round(origin[k] + r step_row[k] + c step_col[k])], 0 outside ``data``.
+
+    The hot loop of stage 02's training data (a 600 x 512² stack is 157 M lookups): numba runs it in
+    one pass, without numpy's per-slice temporaries: 6.7x faster (docs/BENCHMARKS.md).
+    """
+    n, rows, cols = out.shape
+    di, dj, dk = data.shape
+    for k in range(n):
+        for r in range(rows):
+            x = origin[k, 0] + r * step_row[k, 0]
+            y = origin[k, 1] + r * step_row[k, 1]
+            z = origin[k, 2] + r * step_row[k, 2]
+            for c in range(cols):
+                i = int(np.rint(x + c * step_col[k, 0]))
+                j = int(np.rint(y + c * step_col[k, 1]))
+                q = int(np.rint(z + c * step_col[k, 2]))
+                if 0 <= i < di and 0 <= j < dj and 0 <= q < dk:
+                    out[k, r, c] = data[i, j, q]
+
+
+def to_classes(labels: np.ndarray) -> np.ndarray:
+    """Mask labels → model classes: 0 background, 1..7 C1..C7, 8 any thoracic vertebra."""
+    return np.minimum(labels, N_CLASSES - 1).astype(np.uint8)
+
+
+def bone_share(mask: np.ndarray, stack: ct.CTStack) -> float:
+    """Share of labelled voxels whose HU is bone (>= BONE_HU): near 1 when the mask sits on the
+    vertebrae, far lower when it is flipped or shifted (the alignment check of the report)."""
+    on, total = 0, 0
+    for k in np.flatnonzero(mask.reshape(len(mask), -1).any(1)):
+        m = mask[k] > 0
+        on += int((stack.read(k)[0][m] >= BONE_HU).sum())
+        total += int(m.sum())
+    return on / total if total else float("nan")
+
+
+# =============================================================================================
+# The model grid
+# =============================================================================================
+
+
+def grid_shape(sc) -> tuple[int, int, int]:
+    return tuple(int(s) for s in sc.grid)
+
+
+def grid_input(stack: ct.CTStack, sc) -> np.ndarray:
+    """The study resampled to the model grid, HU windows as channels: float16 (C, D, H, W)."""
+    return ct.windows(ct.resample(stack, grid_shape(sc)), list(sc.windows)).astype(np.float16)
+
+
+def grid_target(classes: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+    """Classes on the cached stack → the model grid: per grid voxel, the class covering most of it
+    (area-weighted vote), uint8 (D, H, W). Streams one grid plane at a time."""
+    d, h, w = grid
+    weights = ct.interpolation_weights(len(classes), d)
+    inter = ct.cv2.INTER_AREA if h <= classes.shape[1] else ct.cv2.INTER_LINEAR
+    out = np.empty(grid, dtype=np.uint8)
+    for j in range(d):
+        idx = np.flatnonzero(weights[j])
+        votes = np.zeros((N_CLASSES, h, w), dtype=np.float32)
+        for c in range(N_CLASSES):
+            share = np.tensordot(
+                weights[j, idx].astype(np.float32), (classes[idx] == c).astype(np.float32), 1
+            )
+            votes[c] = ct.cv2.resize(share, (w, h), interpolation=inter)
+        out[j] = votes.argmax(0)
+    return out
+
+
+class GridInputs(Dataset):
+    """Per study: the model-grid input and, with ``targets``, the aligned mask on the grid (one study
+    per worker at a time; volumes are memory-mapped and read a few slices at a time)."""
+
+    def __init__(self, paths: Paths, items: list[StudyItem], sc, geos: dict | None = None, targets=False):
+        self.paths, self.items, self.sc, self.geos, self.targets = paths, items, sc, geos, targets
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        it = self.items[i]
+        stack = ct.CTStack(self.paths.cache_dir / it.path)
+        out = {"i": i, "x": grid_input(stack, self.sc)}
+        if self.targets:
+            mask = align_mask(it.mask, self.geos[(it.study_id, it.series_id, it.stack)], it.shape)
+            out["y"] = grid_target(to_classes(mask), grid_shape(self.sc))
+            out["bone_share"] = bone_share(mask, stack)
+        return out
+
+
+def load_grids(paths: Paths, items: list[StudyItem], sc, geos=None, targets=False):
+    """Yield ``GridInputs`` samples in item order, prepared by ``sc.loader_workers`` processes."""
+    loader = DataLoader(
+        GridInputs(paths, items, sc, geos, targets),
+        batch_size=None,
+        num_workers=int(sc.loader_workers),
+        collate_fn=_as_is,
+    )
+    yield from loader
+
+
+def _as_is(sample):
+    """Keep a sample's numpy arrays as they are (the default would turn them into tensors)."""
+    return sample
+
+
+class TrainVolumes(Dataset):
+    """Prepared (input, target) grids of the training studies, as tensors."""
+
+    def __init__(self, grids: list[tuple[np.ndarray, np.ndarray]]):
+        self.grids = grids
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.grids[i]
+        return {"x": torch.from_numpy(x.astype(np.float32)), "y": torch.from_numpy(y.astype(np.int64))}
+
+
+# =============================================================================================
+# Model, loss, augmentation
+# =============================================================================================
+
+
+def build_model(sc) -> UNet3D:
+    return UNet3D(len(sc.windows), N_CLASSES, tuple(sc.widths), coords=bool(sc.coords))
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, sc, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random rotation (each axis), scale and shift of a batch (one affine per volume; labels nearest),
+    then a random intensity gain and offset. No flips: the slice axis runs inferior → superior."""
+    b = len(x)
+
+    def uniform(*shape, scale=1.0):
+        return (torch.rand(*shape, generator=gen) * 2 - 1) * scale
+
+    ang = uniform(b, 3, scale=np.deg2rad(float(sc.rotate_deg)))
+    cos, sin = ang.cos(), ang.sin()
+    one, zero = torch.ones(b), torch.zeros(b)
+    rx = torch.stack([one, zero, zero, zero, cos[:, 0], -sin[:, 0], zero, sin[:, 0], cos[:, 0]], 1)
+    ry = torch.stack([cos[:, 1], zero, sin[:, 1], zero, one, zero, -sin[:, 1], zero, cos[:, 1]], 1)
+    rz = torch.stack([cos[:, 2], -sin[:, 2], zero, sin[:, 2], cos[:, 2], zero, zero, zero, one], 1)
+    rot = rx.view(b, 3, 3) @ ry.view(b, 3, 3) @ rz.view(b, 3, 3)
+    scale = 1 + uniform(b, 1, 1, scale=float(sc.scale))
+    theta = torch.cat([rot * scale, uniform(b, 3, 1, scale=2 * float(sc.shift))], 2).to(x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    gain = (1 + uniform(b, 1, 1, 1, 1, scale=0.1)).to(x.device)
+    offset = uniform(b, 1, 1, 1, 1, scale=0.05).to(x.device)
+    return x * gain + offset, y[:, 0].long()
+
+
+def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor, background_weight: float = 1.0) -> torch.Tensor:
+    """Cross entropy (background down-weighted: vertebrae are ~1 % of the voxels, and an unweighted
+    loss first learns to call everything background) + (1 - soft Dice) averaged over the foreground
+    classes present in the batch."""
+    weight = torch.ones(N_CLASSES, device=logits.device)
+    weight[0] = background_weight
+    ce = F.cross_entropy(logits.float(), y, weight=weight)
+    p = logits.float().softmax(1)
+    onehot = F.one_hot(y, N_CLASSES).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    inter, denom = (p * onehot).sum(dims), p.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1) / (denom + 1)
+    present = onehot.sum(dims)[1:] > 0
+    soft = (1 - dice[1:])[present].mean() if present.any() else logits.sum() * 0
+    return ce + soft
+
+
+class SegLoss:
+    """``loss_fn(model, batch, device)`` for the training loop (augments on the device)."""
+
+    def __init__(self, sc, seed: int):
+        self.sc = sc
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model, batch, device):
+        x, y = batch["x"].to(device), batch["y"].to(device)
+        if self.sc.augment:
+            x, y = augment(x, y, self.sc, self.gen)
+        return dice_ce_loss(model(x), y, float(self.sc.background_weight))
+
+
+@torch.no_grad()
+def predict_grid(models: list, x: np.ndarray, device, amp: bool) -> torch.Tensor:
+    """Mean over ``models`` of the class probabilities on the grid: float32 (classes, D, H, W) on device."""
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(device)
+    total = None
+    for model in models:
+        with autocast(device, amp):
+            p = model(xt).float().softmax(1)[0]
+        total = p if total is None else total + p
+    return total / len(models)
+
+
+# =============================================================================================
+# Probabilities on the grid → the cached stack's tables
+# =============================================================================================
+
+
+def kept_components(probs: torch.Tensor) -> torch.Tensor:
+    """(classes, D, H, W) bool on the grid: each vertebra's largest 26-connected component of the
+    argmax, dilated by one voxel (so interpolated boundaries stay); the other classes everywhere."""
+    lab = probs.argmax(0).cpu().numpy()
+    keep = np.ones((N_CLASSES, *lab.shape), dtype=bool)
+    for v in range(1, len(VERTEBRAE) + 1):
+        comp, n = ndimage.label(lab == v, structure=np.ones((3, 3, 3)))
+        if n == 0:
+            keep[v] = False
+            continue
+        largest = np.argmax(np.bincount(comp.ravel())[1:]) + 1
+        keep[v] = ndimage.binary_dilation(comp == largest, structure=np.ones((3, 3, 3)))
+    return torch.from_numpy(keep).to(probs.device)
+
+
+def nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """For each of n_out cells, the nearest of n_in cells spanning the same extent (centres kept)."""
+    return np.clip(np.floor((np.arange(n_out) + 0.5) * n_in / n_out), 0, n_in - 1).astype(np.int64)
+
+
+@dataclass
+class Reduced:
+    """One study's prediction on its cached stack, per slice and vertebra (index 0 = C1)."""
+
+    counts: np.ndarray  # (slices, 7) predicted voxels
+    conf: np.ndarray  # (7,) sum of max-probability over the voxels
+    rows: np.ndarray  # (7, 2) min, max row
+    cols: np.ndarray  # (7, 2) min, max col
+    slice_prob: np.ndarray  # (slices, 7)
+    overlap: np.ndarray | None = None  # (7,) voxels predicted and true (with a truth mask)
+    true_voxels: np.ndarray | None = None  # (7,)
+    raw_voxels: np.ndarray | None = None  # (7,) the same before the HU refinement
+    raw_overlap: np.ndarray | None = None  # (7,)
+
+
+REFINE_MIN_FOREGROUND = 0.25  # HU refinement: bone voxels where the vertebrae's interpolated share is this
+
+
+@torch.no_grad()
+def reduce_to_stack(
+    probs: torch.Tensor,
+    shape,
+    chunk: int,
+    truth: np.ndarray | None = None,
+    stack: ct.CTStack | None = None,
+    refine_hu: float | None = None,
+) -> Reduced:
+    """Interpolate grid probabilities back to the cached stack ``shape`` (a few slices at a time), label
+    every voxel by its most likely class within the kept components, and gather the per-slice and
+    per-vertebra figures (and the overlap with ``truth`` classes, for Dice).
+
+    With ``refine_hu`` (and the study's ``stack``), boundaries come from the full-resolution image
+    instead of the coarse grid: a voxel is vertebra when its HU is at least ``refine_hu`` and the
+    vertebra classes hold at least REFINE_MIN_FOREGROUND of its interpolated probability; it takes the
+    most likely vertebra class. The unrefined labels are still scored (``raw_*``) when ``truth`` is given.
+    """
+    n, rows, cols = shape
+    dev = probs.device
+    nv = len(VERTEBRAE)
+    d = probs.shape[1]
+    wz = torch.from_numpy(ct.interpolation_weights(d, n).astype(np.float32)).to(dev)  # (n, d)
+    keep = kept_components(probs)
+    jz = torch.from_numpy(nearest_index(n, d)).to(dev)
+    iy = torch.from_numpy(nearest_index(rows, probs.shape[2])).to(dev)
+    ix = torch.from_numpy(nearest_index(cols, probs.shape[3])).to(dev)
+    flat = probs.reshape(N_CLASSES, d, -1).permute(1, 0, 2).reshape(d, -1)  # (d, classes*h*w)
+    counts = np.zeros((n, nv), dtype=np.int64)
+    slice_prob = np.zeros((n, nv), dtype=np.float32)
+    conf = np.zeros(nv)
+    rmin, rmax = np.full(nv, rows), np.full(nv, -1)
+    cmin, cmax = np.full(nv, cols), np.full(nv, -1)
+    overlap, true_vox = np.zeros(nv, dtype=np.int64), np.zeros(nv, dtype=np.int64)
+    raw_vox, raw_overlap = np.zeros(nv, dtype=np.int64), np.zeros(nv, dtype=np.int64)
+    refine = refine_hu is not None and stack is not None
+    classes = torch.arange(1, nv + 1, device=dev)[None, :, None, None]
+    ar, ac = torch.arange(rows, device=dev), torch.arange(cols, device=dev)
+    for k0 in range(0, n, chunk):
+        k1 = min(n, k0 + chunk)
+        p = (wz[k0:k1] @ flat).reshape(k1 - k0, N_CLASSES, *probs.shape[2:])
+        p = F.interpolate(p, size=(rows, cols), mode="bilinear", align_corners=False)  # (s, classes, R, C)
+        kp = keep[:, jz[k0:k1]][:, :, iy][:, :, :, ix].permute(1, 0, 2, 3)  # (s, classes, R, C)
+        p = p * kp
+        maxp, lab = p.max(1)
+        raw = lab
+        if refine:
+            hu = torch.from_numpy(stack.read(slice(k0, k1))).to(dev)
+            bone = (hu >= refine_hu) & (p[:, 1:].sum(1) >= REFINE_MIN_FOREGROUND)
+            lab = torch.where(bone, p[:, 1:].argmax(1) + 1, torch.zeros_like(lab))
+        onehot = lab[:, None] == classes  # (s, 7, R, C)
+        counts[k0:k1] = onehot.sum((2, 3)).cpu().numpy()
+        slice_prob[k0:k1] = p[:, 1 : nv + 1].amax((2, 3)).cpu().numpy()
+        conf += (onehot * maxp[:, None]).sum((0, 2, 3)).double().cpu().numpy()
+        on_rows, on_cols = onehot.any(3).any(0), onehot.any(2).any(0)  # (7, R), (7, C)
+        big = rows + cols
+        rmin = np.minimum(rmin, torch.where(on_rows, ar, big).amin(1).cpu().numpy())
+        rmax = np.maximum(rmax, torch.where(on_rows, ar, -1).amax(1).cpu().numpy())
+        cmin = np.minimum(cmin, torch.where(on_cols, ac, big).amin(1).cpu().numpy())
+        cmax = np.maximum(cmax, torch.where(on_cols, ac, -1).amax(1).cpu().numpy())
+        if truth is not None:
+            t_hot = torch.from_numpy(truth[k0:k1]).to(dev)[:, None] == classes
+            overlap += (onehot & t_hot).sum((0, 2, 3)).cpu().numpy()
+            true_vox += t_hot.sum((0, 2, 3)).cpu().numpy()
+            raw_hot = raw[:, None] == classes
+            raw_vox += raw_hot.sum((0, 2, 3)).cpu().numpy()
+            raw_overlap += (raw_hot & t_hot).sum((0, 2, 3)).cpu().numpy()
+    return Reduced(
+        counts,
+        conf,
+        np.stack([rmin, rmax], 1),
+        np.stack([cmin, cmax], 1),
+        slice_prob,
+        *((overlap, true_vox, raw_vox, raw_overlap) if truth is not None else (None,) * 4),
+    )
+
+
+def vertebra_rows(item: StudyItem, red: Reduced | None, source: str, min_voxels: int) -> list[dict]:
+    """The study's 7 rows of ``VERTEBRA_COLUMNS`` (found=False with NaN spans when ``red`` is None)."""
+    rows = []
+    for v, name in enumerate(VERTEBRAE):
+        row = {
+            "study_id": item.study_id,
+            "split": item.split,
+            "vertebra": name,
+            "series_id": item.series_id,
+            "stack": item.stack,
+            "found": False,
+            **dict.fromkeys(
+                ["slice_start", "slice_end", "row_start", "row_end", "col_start", "col_end"], np.nan
+            ),
+            "voxels": 0,
+            "confidence": 0.0,
+            "source": source,
+        }
+        if red is not None:
+            on = np.flatnonzero(red.counts[:, v])
+            voxels = int(red.counts[:, v].sum())
+            row["voxels"] = voxels
+            if voxels >= max(1, min_voxels):
+                row.update(
+                    found=True,
+                    slice_start=int(on[0]),
+                    slice_end=int(on[-1]),
+                    row_start=int(red.rows[v, 0]),
+                    row_end=int(red.rows[v, 1]),
+                    col_start=int(red.cols[v, 0]),
+                    col_end=int(red.cols[v, 1]),
+                    confidence=round(float(red.conf[v] / voxels), 4),
+                )
+        if red is not None and red.overlap is not None:
+            row.update(
+                overlap=int(red.overlap[v]),
+                true_voxels=int(red.true_voxels[v]),
+                raw_voxels=int(red.raw_voxels[v]),
+                raw_overlap=int(red.raw_overlap[v]),
+            )
+        rows.append(row)
+    return rows
+
+
+def slice_rows(item: StudyItem, red: Reduced, source: str) -> pd.DataFrame:
+    """The study's ``SLICE_COLUMNS`` rows, one per cached slice."""
+    n = len(red.slice_prob)
+    df = pd.DataFrame(red.slice_prob.round(4), columns=VERTEBRAE)
+    df.insert(0, "index", np.arange(n))
+    df.insert(0, "stack", item.stack)
+    df.insert(0, "series_id", item.series_id)
+    df.insert(0, "split", item.split)
+    df.insert(0, "study_id", item.study_id)
+    df["source"] = source
+    return df[SLICE_COLUMNS]
+
+
+def predict_studies(
+    paths: Paths, items: list[StudyItem], models: list, sc, source: str, geos=None, device=None
+) -> tuple[list[dict], list[pd.DataFrame]]:
+    """Vertebra rows and slice tables of ``items`` from the mean of ``models``. With ``geos``, a study
+    with a mask is also scored against it (overlap, true_voxels for Dice)."""
+    device = device or resolve_device(sc.device)
+    readable = [it for it in items if it.path is not None]
+    rows, slices = [], []
+    for it in items:
+        if it.path is None:
+            rows += vertebra_rows(it, None, source, sc.min_voxels)
+    for sample in load_grids(paths, readable, sc):
+        it = readable[sample["i"]]
+        probs = predict_grid(models, sample["x"], device, sc.amp)
+        truth = None
+        if geos is not None and it.mask is not None:
+            geo = geos[(it.study_id, it.series_id, it.stack)]
+            truth = to_classes(align_mask(it.mask, geo, it.shape))
+        stack = ct.CTStack(paths.cache_dir / it.path)
+        red = reduce_to_stack(probs, it.shape, int(sc.chunk_slices), truth, stack, sc.refine_hu)
+        rows += vertebra_rows(it, red, source, sc.min_voxels)
+        slices.append(slice_rows(it, red, source))
+    return rows, slices
+
+
+# =============================================================================================
+# Stage 02: folds, fold mean, tables, report
+# =============================================================================================
+
+# settings that change no model and no prediction
+RUNTIME_KEYS = ("folds", "loader_workers", "device", "chunk_slices", "torch_threads")
+
+
+def fold_key(cfg, paths: Paths, items: list[StudyItem]) -> str:
+    """What a fold's model and predictions are made from: folds, config, seed, cache and masks."""
+    section = {k: v for k, v in OmegaConf.to_container(cfg.segment).items() if k not in RUNTIME_KEYS}
+    masks = sorted((it.study_id, it.mask.stat().st_size) for it in items if it.mask is not None)
+    return fingerprint(paths.folds.read_text(), section, cfg.seed, paths.cache_source.read_text(), masks)
+
+
+def selected_folds(cfg) -> list[int]:
+    sc = cfg.segment
+    return list(sc.folds) if sc.folds is not None else list(range(cfg.folds.n_folds))
+
+
+def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, geos) -> None:
+    """Train fold ``fold``'s model on the other folds' segmented studies; write its OOF predictions."""
+    sc = cfg.segment
+    key = fold_key(cfg, paths, items)
+    device = resolve_device(sc.device)
+    segmented = [it for it in items if it.mask is not None and it.path is not None]
+    train = [it for it in segmented if fold_of.get(it.study_id) != fold]
+    held = [it for it in segmented if fold_of.get(it.study_id) == fold]
+    if not train:
+        raise RuntimeError(f"fold {fold}: no segmented study to train on outside the fold")
+    ckpt = paths.segmenter_checkpoint(fold, cfg.seed)
+    claim(ckpt, key)
+    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
+    model = build_model(sc)
+    if ckpt.exists():
+        model = load_weights(model, ckpt, device)
+    else:
+        need = [it for it in train if it.study_id not in grids]
+        for sample in load_grids(paths, need, sc, geos, targets=True):
+            it = need[sample["i"]]
+            grids[it.study_id] = (sample["x"], sample["y"], sample["bone_share"])
+        data = TrainVolumes([grids[it.study_id][:2] for it in train])
+        # full batches only (when there are enough studies): a batch of one volume takes the slow
+        # convolution path on CPU; the shuffle still reaches every study across epochs
+        batch = int(sc.batch)
+        loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=0, drop_last=len(data) > batch)
+        settings = TrainSettings.from_config(sc, cfg.seed + fold)
+        model, _ = fit(model, loader, SegLoss(sc, cfg.seed + fold), settings, ckpt, device, f"fold {fold}")
+    rows, slices = predict_studies(paths, held, [model], sc, "oof", geos, device)
+    table = pd.DataFrame(rows).reindex(columns=VERTEBRA_COLUMNS + DICE_COLUMNS[1:]).assign(fold=fold)
+    save_table(paths.segmenter_slices(fold), _concat(slices))
+    save_table(paths.segmenter_predictions(fold), table)
+    mark_current(paths.segmenter_predictions(fold), key)
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SLICE_COLUMNS)
+
+
+def load_models(cfg, paths: Paths, folds: list[int], device, stage: str) -> list:
+    """Every fold's trained segmenter; a clear error naming a missing checkpoint and the fix."""
+    models = []
+    for fold in folds:
+        ckpt = paths.segmenter_checkpoint(fold, cfg.seed)
+        if not ckpt.exists():
+            raise FileNotFoundError(
+                f"segmenter checkpoint {ckpt} is missing: run `python src/02_localize.py` with this config "
+                f"({stage}), or point models_from= at the folder that holds models/"
+            )
+        models.append(load_weights(build_model(cfg.segment), ckpt, device))
+    return models
+
+
+def run_segment(cfg) -> dict:
+    """Stage 02 (cervical): one segmenter per fold (resumable), the fold mean for every other study,
+    the vertebra and slice tables and the report. Returns the report with a flat ``summary``."""
+    with torch_threads(cfg.segment.torch_threads):
+        return _run_segment(cfg)
+
+
+def _run_segment(cfg) -> dict:
+    start = time.perf_counter()
+    sc = cfg.segment
+    paths = Paths.from_config(cfg)
+    folds_df = load_folds(cfg)
+    fold_of = dict(zip(folds_df["study_id"].astype(str), folds_df["fold"]))
+    items = study_items(paths)
+    geos = geometries(paths)
+    folds = selected_folds(cfg)
+    key = fold_key(cfg, paths, items)
+    grids: dict = {}
+    trained = []
+    for fold in folds:
+        if is_current(paths.segmenter_predictions(fold), key):
+            log.info("fold %d: predictions exist, skipped", fold)
+            continue
+        train_fold(cfg, paths, items, fold_of, fold, grids, geos)
+        trained.append(fold)
+    parts = [
+        pd.read_csv(paths.segmenter_predictions(f), dtype={"study_id": str, "series_id": str}) for f in folds
+    ]
+    oof = pd.concat(parts, ignore_index=True)
+    # and the fold models themselves: a fold retrained since (its checkpoint rewritten) remakes the mean
+    ckpts = [paths.segmenter_checkpoint(f, cfg.seed) for f in folds]
+    mean_key = fingerprint(key, folds, [c.stat().st_mtime_ns if c.exists() else None for c in ckpts])
+    if not is_current(paths.segmenter_mean_predictions, mean_key):
+        others = [it for it in items if it.study_id not in set(oof["study_id"])]
+        device = resolve_device(sc.device)
+        models = load_models(cfg, paths, folds, device, "stage 02")
+        rows, slices = predict_studies(paths, others, models, sc, "fold_mean", device=device)
+        save_table(paths.segmenter_mean_slices, _concat(slices))
+        save_table(paths.segmenter_mean_predictions, pd.DataFrame(rows))
+        mark_current(paths.segmenter_mean_predictions, mean_key)
+    mean = pd.read_csv(paths.segmenter_mean_predictions, dtype={"study_id": str, "series_id": str})
+    vert = order_rows(pd.concat([oof, mean], ignore_index=True))
+    slices = pd.concat(
+        [pd.read_parquet(paths.segmenter_slices(f)) for f in folds]
+        + [pd.read_parquet(paths.segmenter_mean_slices)],
+        ignore_index=True,
+    )
+    save_table(paths.vertebrae, vert[VERTEBRA_COLUMNS])
+    save_table(paths.slice_labels, slices.sort_values(["split", "study_id", "index"], ignore_index=True))
+    report = segment_report(paths, vert, geos, grids)
+    report.update(folds=folds, folds_trained=trained, seconds=round(time.perf_counter() - start, 1))
+    save_text(paths.localize_report, json.dumps(report, indent=2))
+    save_config(cfg, paths.localize_dir)
+    return {**report, "summary": _summary(report)}
+
+
+def order_rows(vert: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by split, study and vertebra C1..C7."""
+    order = {v: i for i, v in enumerate(VERTEBRAE)}
+    return vert.sort_values(
+        ["split", "study_id", "vertebra"], key=lambda s: s.map(order) if s.name == "vertebra" else s
+    ).reset_index(drop=True)
+
+
+# =============================================================================================
+# Report
+# =============================================================================================
+
+
+def dice_report(oof: pd.DataFrame, overlap: str = "overlap", voxels: str = "voxels") -> dict:
+    """Dice per vertebra over the OOF studies (mean over the studies whose mask has it)."""
+    oof = oof[oof["true_voxels"] > 0]
+    dice = 2 * oof[overlap] / (oof[voxels] + oof["true_voxels"])
+    per = dice.groupby(oof["vertebra"]).mean()
+    return {
+        "studies": int(oof["study_id"].nunique()),
+        "mean": round(float(per.mean()), 4) if len(per) else None,
+        "per_vertebra": {v: round(float(per[v]), 4) for v in VERTEBRAE if v in per},
+    }
+
+
+def in_order(vert: pd.DataFrame, geos: dict) -> pd.Series:
+    """Per study: all of C1..C7 found, their span midpoints strictly descending in patient z (C1 on top)."""
+    out = {}
+    for study, g in vert.groupby("study_id"):
+        g = order_rows(g)
+        if not g["found"].astype(bool).all() or len(g) != len(VERTEBRAE):
+            out[study] = False
+            continue
+        geo = geos[(study, g["series_id"].iloc[0], int(g["stack"].iloc[0]))]
+        mid = (g["slice_start"].to_numpy(float) + g["slice_end"].to_numpy(float)) / 2
+        z = np.array([geo.to_patient(m, 0.0, 0.0)[2] for m in mid])
+        out[study] = bool(np.all(np.diff(z) < 0))
+    return pd.Series(out, dtype=bool)
+
+
+def truth_agreement(paths: Paths, vert: pd.DataFrame, geos: dict) -> dict | None:
+    """On generated data: predicted slice spans against the truth folder's (per source).
+
+    The truth spans are in mm (z of the first and last slice a vertebra shows on); they are mapped to
+    the cached stack's slices by position, so a slice missing from the cache shifts nothing.
+    """
+    f = paths.truth_dir / "vertebrae.csv"
+    if not f.exists():
+        return None
+    truth = pd.read_csv(f, dtype={"study_id": str})
+    m = vert.merge(truth[["study_id", "vertebra", "z_min_mm", "z_max_mm"]], on=["study_id", "vertebra"])
+    m = m[m["slice_start"].notna()]
+    if not len(m):
+        return None
+    t_start, t_end = [], []
+    for r in m.itertuples(index=False):
+        z = geos[(r.study_id, r.series_id, int(r.stack))].ipp[:, 2]
+        on = np.flatnonzero((z >= r.z_min_mm - 1e-3) & (z <= r.z_max_mm + 1e-3))
+        t_start.append(on.min() if len(on) else np.nan)
+        t_end.append(on.max() if len(on) else np.nan)
+    m = m.assign(t_start=t_start, t_end=t_end).dropna(subset=["t_start"])
+    inter = (np.minimum(m["slice_end"], m["t_end"]) - np.maximum(m["slice_start"], m["t_start"]) + 1).clip(0)
+    union = np.maximum(m["slice_end"], m["t_end"]) - np.minimum(m["slice_start"], m["t_start"]) + 1
+    m = m.assign(
+        iou=inter / union,
+        within2=((m["slice_start"] - m["t_start"]).abs() <= 2) & ((m["slice_end"] - m["t_end"]).abs() <= 2),
+    )
+    return {
+        src: {
+            "vertebrae": int(len(g)),
+            "span_iou": round(float(g["iou"].mean()), 3),
+            "ends_within_2_slices": round(float(g["within2"].mean()), 3),
+        }
+        for src, g in m.groupby("source")
+    }
+
+
+def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict, grids: dict) -> dict:
+    """OOF Dice, found/in-order shares per source, the alignment check, truth agreement."""
+    order = in_order(vert, geos)
+    per_source = {}
+    for src, g in vert.groupby("source"):
+        studies = g["study_id"].unique()
+        per_source[src] = {
+            "studies": int(len(studies)),
+            "all_found": round(float(g.groupby("study_id")["found"].all().mean()), 3),
+            "in_order": round(float(order.reindex(studies).fillna(False).mean()), 3),
+        }
+    bone = [g[2] for g in grids.values()]
+    oof = vert[vert["source"] == "oof"] if "overlap" in vert else None
+    return {
+        "dice_oof": dice_report(oof) if oof is not None else None,
+        "dice_oof_grid_only": (  # without the HU refinement: the model's own boundaries
+            dice_report(oof, "raw_overlap", "raw_voxels") if oof is not None else None
+        ),
+        "studies": per_source,
+        "in_order_all": round(float(order.mean()), 3),
+        "mask_bone_share": (
+            {
+                "studies": len(bone),
+                "min": round(float(np.min(bone)), 3),
+                "mean": round(float(np.mean(bone)), 3),
+            }
+            if bone
+            else None
+        ),
+        "truth_agreement": truth_agreement(paths, vert, geos),
+    }
+
+
+def _summary(report: dict) -> dict:
+    out = {}
+    dice = report.get("dice_oof") or {}
+    out["oof studies"] = dice.get("studies")
+    out["oof dice mean"] = dice.get("mean")
+    out["oof dice mean, grid only"] = (report.get("dice_oof_grid_only") or {}).get("mean")
+    out.update({f"oof dice {v}": d for v, d in (dice.get("per_vertebra") or {}).items()})
+    for src, s in report["studies"].items():
+        out[f"{src} studies"] = s["studies"]
+        out[f"{src} in order"] = s["in_order"]
+    for src, s in (report.get("truth_agreement") or {}).items():
+        out[f"{src} span IoU vs truth"] = s["span_iou"]
+    out["seconds"] = report.get("seconds")
+    return out
+
+
+# =============================================================================================
+# Stage 06
+# =============================================================================================
+
+
+def predict_test(cfg) -> dict:
+    """Stage 06's segmentation: every test study of this out_dir's cache with every fold's model (read
+    from ``models_from``), the mean probabilities reduced to this out_dir's vertebra and slice tables
+    (source ``test_mean``). No training. A study without a readable volume keeps its 7 rows."""
+    with torch_threads(cfg.segment.torch_threads):
+        return _predict_test(cfg)
+
+
+def _predict_test(cfg) -> dict:
+    start = time.perf_counter()
+    sc = cfg.segment
+    paths = Paths.from_config(cfg)
+    device = resolve_device(sc.device)
+    items = study_items(paths, splits=("test",))
+    models = load_models(cfg, paths, selected_folds(cfg), device, "stage 06 reads the models it trained")
+    rows, slices = predict_studies(paths, items, models, sc, "test_mean", device=device)
+    vert = order_rows(pd.DataFrame(rows, columns=VERTEBRA_COLUMNS))
+    save_table(paths.vertebrae, vert)
+    save_table(paths.slice_labels, _concat(slices))
+    order = in_order(vert, geometries(paths)) if len(vert) else pd.Series(dtype=bool)
+    return {
+        "studies": len(items),
+        "studies_without_volume": sum(it.path is None for it in items),
+        "vertebrae_found": int(vert["found"].sum()),
+        "all_found_share": round(float(vert.groupby("study_id")["found"].all().mean()), 3)
+        if len(vert)
+        else 0.0,
+        "in_order_share": round(float(order.mean()), 3) if len(order) else 0.0,
+        "folds": selected_folds(cfg),
+        "seconds": round(time.perf_counter() - start, 1),
+    }

@@ -1,0 +1,487 @@
+"""Stage 05: stack the OOF predictions of several experiments on the competition metric.
+
+Every member's ``oof.csv`` holds an out-of-fold prediction for each labelled train row. Stackers
+learn how to combine them; each is scored by nested cross-validation over the same study folds (fit
+on four folds' OOF rows, predict the fifth), so its reported score is out-of-fold too. Candidates:
+
+- ``member:<exp>``: one member as it is;            ``mean``: the members' average;
+- ``blend``: per target group (lumbar condition group, cervical vertebra / patient), member weights,
+  a temperature and a class-prior shift, fitted with scipy on the metric's weighted log loss;
+- ``logistic``: multinomial logistic regression on the members' log probabilities and row features;
+- ``lgbm``: a LightGBM classifier on the same features, weighted like the metric.
+
+The choice among candidates is itself made out of fold ("selected"): for each outer fold, the candidate
+with the best inner-CV score on the other folds predicts it. The spec saved for stage 06 is the
+candidate with the best nested score, refitted on every OOF row.
+
+Tasks supply their labels and row features through the task module; binary tasks (cervical) are
+handled as two classes (not fractured, fractured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from scipy.special import softmax
+
+from spine.core.config import save_config
+from spine.core.io import save_table, save_text
+from spine.core.paths import Paths, require
+from spine.core.report import format_scores
+from spine.core.task import EPS
+from spine.registry import get_task
+
+log = logging.getLogger(__name__)
+
+PRIOR_PSEUDO_COUNT = 0.5  # per class, so that a class unseen in a key is not impossible
+
+
+# =============================================================================================
+# Rows: labels, groups, member probabilities
+# =============================================================================================
+
+
+def n_classes(task) -> int:
+    return max(2, len(task.pred_columns))
+
+
+def to_matrix(task, df: pd.DataFrame) -> np.ndarray:
+    """Prediction columns → (n, K) class probabilities (a binary column becomes [1 - p, p])."""
+    p = df[task.pred_columns].to_numpy(np.float64)
+    return np.column_stack([1 - p[:, 0], p[:, 0]]) if len(task.pred_columns) == 1 else p
+
+
+def from_matrix(task, q: np.ndarray) -> pd.DataFrame:
+    """(n, K) class probabilities → the task's prediction columns."""
+    q = np.asarray(q, dtype=np.float64)
+    values = q[:, 1:2] if len(task.pred_columns) == 1 else q
+    return pd.DataFrame(values, columns=task.pred_columns)
+
+
+def row_table(task, row_ids) -> pd.DataFrame:
+    """row_id, study_id, group and prior key of each row."""
+    parts = pd.DataFrame([task.parse_row_id(r) for r in row_ids])
+    return pd.DataFrame(
+        {
+            "row_id": list(row_ids),
+            "study_id": parts["study_id"].astype(str).to_numpy(),
+            "group": [task.stack_group(r) for r in row_ids],
+            "key": [task.prior_key(r) for r in row_ids],
+        }
+    )
+
+
+def load_oof(paths_of: dict, task) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows every member predicted, with labels and folds, and their probabilities (n, M, K).
+
+    Members must cover the same rows (they come from the same crops and labels); a mismatch is an
+    error that names the member, never a silent inner join.
+    """
+    tables = {}
+    for exp, p in paths_of.items():
+        f = require(p.oof, "04_train")
+        tables[exp] = pd.read_csv(f).drop_duplicates("row_id").set_index("row_id")
+    first, ref = next(iter(tables.items()))
+    for exp, t in tables.items():
+        if set(t.index) != set(ref.index):
+            raise ValueError(
+                f"OOF rows of {exp!r} ({len(t)}) differ from those of {first!r} ({len(ref)}): retrain "
+                "both on the same folds and crops (python src/04_train.py with the ensemble config)"
+            )
+    solution = task.solution_from_train(pd.read_csv(next(iter(paths_of.values())).data_dir / "train.csv"))
+    solution = solution.set_index("row_id")
+    ids = [r for r in ref.index if r in solution.index]
+    if len(ids) < len(ref):
+        log.warning("%d OOF rows have no label in train.csv; they are not stacked", len(ref) - len(ids))
+    rows = row_table(task, ids)
+    rows["fold"] = ref.loc[ids, "fold"].astype(int).to_numpy()
+    sol = solution.loc[ids]
+    rows["y"] = to_matrix(task, sol).argmax(1)
+    rows["weight"] = sol["sample_weight"].to_numpy(np.float64)
+    probs = np.stack([to_matrix(task, tables[exp].loc[ids]) for exp in paths_of], axis=1)
+    return rows, probs
+
+
+def score(task, rows: pd.DataFrame, q: np.ndarray) -> dict:
+    """The official metric of class probabilities ``q`` on labelled ``rows``."""
+    k = n_classes(task)
+    onehot = np.eye(k)[rows["y"].to_numpy()]
+    sol = pd.concat([rows[["row_id"]].reset_index(drop=True), from_matrix(task, onehot)], axis=1)
+    sol["sample_weight"] = rows["weight"].to_numpy()
+    sub = pd.concat([rows[["row_id"]].reset_index(drop=True), from_matrix(task, q)], axis=1)
+    return task.score(sol, sub)
+
+
+def _log_loss(q: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    p = np.clip(q[np.arange(len(y)), y], EPS, 1.0)
+    return float(-(w * np.log(p)).sum() / w.sum())
+
+
+# =============================================================================================
+# Prior
+# =============================================================================================
+
+
+def prior_table(rows: pd.DataFrame, k: int) -> dict[str, list[float]]:
+    """Per target key, class frequencies of the labelled rows (plus a pseudo count per class)."""
+    counts = rows.groupby("key")["y"].value_counts().unstack(fill_value=0)
+    counts = counts.reindex(columns=range(k), fill_value=0) + PRIOR_PSEUDO_COUNT
+    freq = counts.div(counts.sum(axis=1), axis=0)
+    return {key: freq.loc[key].tolist() for key in freq.index}
+
+
+def prior_probs(table: dict, keys, k: int) -> np.ndarray:
+    """Rows' prior probabilities; a key never seen in training gets the uniform distribution."""
+    return np.array([table.get(key, [1.0 / k] * k) for key in keys], dtype=np.float64)
+
+
+def oof_prior(rows: pd.DataFrame, k: int) -> np.ndarray:
+    """Prior-only baseline, out of fold: each fold's rows get the other folds' frequencies."""
+    out = np.zeros((len(rows), k))
+    for f in np.unique(rows["fold"]):
+        m = (rows["fold"] == f).to_numpy()
+        out[m] = prior_probs(prior_table(rows[~m], k), rows.loc[m, "key"], k)
+    return out
+
+
+# =============================================================================================
+# Stackers: fit(rows, probs, feats) / predict(rows, probs, feats) / params() / from_params()
+# =============================================================================================
+
+
+class Member:
+    """One member's predictions as they are."""
+
+    fitted = False
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def fit(self, rows, probs, feats):
+        return self
+
+    def predict(self, rows, probs, feats) -> np.ndarray:
+        return probs[:, self.index]
+
+    def params(self) -> dict:
+        return {"index": self.index}
+
+    @classmethod
+    def from_params(cls, p):
+        return cls(p["index"])
+
+
+class Mean(Member):
+    """The members' plain average."""
+
+    def __init__(self, index: int = -1):
+        super().__init__(index)
+
+    def predict(self, rows, probs, feats) -> np.ndarray:
+        return probs.mean(1)
+
+
+class Blend:
+    """Per group: softmax(log(sum_m w_m p_m) / T + b), w on the simplex, T > 0, b[0] = 0."""
+
+    fitted = True
+
+    def __init__(self, groups: dict | None = None):
+        self.groups = groups or {}
+
+    @staticmethod
+    def _unpack(theta, m, k):
+        w = softmax(np.concatenate([[0.0], theta[: m - 1]]))
+        t = np.exp(theta[m - 1])
+        b = np.concatenate([[0.0], theta[m : m + k - 1]])
+        return w, t, b
+
+    @staticmethod
+    def _apply(p, w, t, b):
+        mix = np.clip(np.einsum("nmk,m->nk", p, w), EPS, 1.0)
+        return softmax(np.log(mix) / t + b, axis=1)
+
+    def fit(self, rows, probs, feats):
+        _, m, k = probs.shape
+        for g in rows["group"].unique():
+            sel = (rows["group"] == g).to_numpy()
+            p, y, wt = probs[sel], rows["y"].to_numpy()[sel], rows["weight"].to_numpy()[sel]
+
+            def loss(theta, p=p, y=y, wt=wt):
+                return _log_loss(self._apply(p, *self._unpack(theta, m, k)), y, wt)
+
+            theta = minimize(loss, np.zeros(m + k - 1), method="L-BFGS-B").x
+            w, t, b = self._unpack(theta, m, k)
+            self.groups[g] = {"weights": w.tolist(), "temperature": float(t), "bias": b.tolist()}
+        return self
+
+    def predict(self, rows, probs, feats) -> np.ndarray:
+        out = probs.mean(1)  # a group unseen in fitting keeps the plain mean
+        for g, prm in self.groups.items():
+            sel = (rows["group"] == g).to_numpy()
+            if sel.any():
+                out[sel] = self._apply(
+                    probs[sel], np.array(prm["weights"]), prm["temperature"], np.array(prm["bias"])
+                )
+        return out
+
+    def params(self) -> dict:
+        return {"groups": self.groups}
+
+    @classmethod
+    def from_params(cls, p):
+        return cls(p["groups"])
+
+
+def _design(feats: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Numeric design matrix: categoricals one-hot, NaN → 0 with an is-missing column."""
+    num = feats.select_dtypes(exclude="category")
+    parts = [num.fillna(0.0), num.isna().astype(float).add_suffix("_nan")]
+    parts += [pd.get_dummies(feats[c], prefix=c, dtype=float) for c in feats.select_dtypes("category")]
+    x = pd.concat(parts, axis=1)
+    return x if columns is None else x.reindex(columns=columns, fill_value=0.0)
+
+
+class Logistic:
+    """Multinomial logistic regression on standardized features, weighted like the metric."""
+
+    fitted = True
+
+    def __init__(self, c: float = 0.1, state: dict | None = None):
+        self.c, self.state = c, state
+
+    def fit(self, rows, probs, feats):
+        from sklearn.linear_model import LogisticRegression
+
+        x = _design(feats)
+        mean, scale = x.mean(), x.std().replace(0.0, 1.0).fillna(1.0)
+        model = LogisticRegression(C=self.c, max_iter=2000)
+        model.fit(
+            ((x - mean) / scale).to_numpy(), rows["y"].to_numpy(), sample_weight=rows["weight"].to_numpy()
+        )
+        coef, icpt = model.coef_, model.intercept_
+        if coef.shape[0] == 1:  # binary: sklearn keeps one row for class 1
+            coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+        full = np.zeros((probs.shape[2], coef.shape[1]))  # a class absent from these rows: logit -inf-ish
+        full_icpt = np.full(probs.shape[2], -30.0)
+        full[model.classes_], full_icpt[model.classes_] = coef, icpt
+        self.state = {
+            "columns": list(x.columns),
+            "mean": mean.tolist(),
+            "scale": scale.tolist(),
+            "coef": full.tolist(),
+            "intercept": full_icpt.tolist(),
+        }
+        return self
+
+    def predict(self, rows, probs, feats) -> np.ndarray:
+        s = self.state
+        x = (_design(feats, s["columns"]).to_numpy() - np.array(s["mean"])) / np.array(s["scale"])
+        return softmax(x @ np.array(s["coef"]).T + np.array(s["intercept"]), axis=1)
+
+    def params(self) -> dict:
+        return {"c": self.c, "state": self.state}
+
+    @classmethod
+    def from_params(cls, p):
+        return cls(p["c"], p["state"])
+
+
+class Lgbm:
+    """LightGBM on the members' log probabilities and row features, weighted like the metric."""
+
+    fitted = True
+
+    def __init__(self, params: dict, rounds: int, model: str | None = None):
+        self.lgb_params, self.rounds, self.model = dict(params), rounds, model
+
+    def _booster_params(self, k: int) -> dict:
+        obj = {"objective": "binary"} if k == 2 else {"objective": "multiclass", "num_class": k}
+        return {**obj, "verbose": -1, "seed": 0, "deterministic": True, "num_threads": 1, **self.lgb_params}
+
+    def fit(self, rows, probs, feats):
+        k = probs.shape[2]
+        data = lgb.Dataset(feats, label=rows["y"].to_numpy(), weight=rows["weight"].to_numpy())
+        booster = lgb.train(self._booster_params(k), data, num_boost_round=self.rounds)
+        self.model = booster.model_to_string()
+        return self
+
+    def predict(self, rows, probs, feats) -> np.ndarray:
+        p = lgb.Booster(model_str=self.model).predict(feats)
+        return np.column_stack([1 - p, p]) if p.ndim == 1 else p
+
+    def params(self) -> dict:
+        return {"params": self.lgb_params, "rounds": self.rounds, "model": self.model}
+
+    @classmethod
+    def from_params(cls, p):
+        return cls(p["params"], p["rounds"], p["model"])
+
+
+STACKERS = {"member": Member, "mean": Mean, "blend": Blend, "logistic": Logistic, "lgbm": Lgbm}
+
+
+def candidates(members: list[str], ec) -> dict:
+    """name → a factory of a fresh stacker."""
+    out = {f"member:{m}": (lambda i=i: Member(i)) for i, m in enumerate(members)}
+    if len(members) > 1:
+        out["mean"] = Mean
+    out["blend"] = Blend
+    out["logistic"] = lambda: Logistic(float(ec.logistic_c))
+    out["lgbm"] = lambda: Lgbm(dict(ec.lgbm), int(ec.lgbm_rounds))
+    return out
+
+
+def features(task, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame | None) -> pd.DataFrame:
+    """Stacker inputs: every member's log probabilities, the row's target key and group (categorical)
+    and the task's row features (localization confidence, missing views, ...)."""
+    n, m, k = probs.shape
+    logp = np.log(np.clip(probs, EPS, 1.0)).reshape(n, m * k)
+    out = pd.DataFrame(logp, columns=[f"m{i}_logp{c}" for i in range(m) for c in range(k)])
+    out["key"] = pd.Categorical(rows["key"].to_numpy(), categories=sorted(task.prior_keys()))
+    out["group"] = pd.Categorical(rows["group"].to_numpy(), categories=sorted(task.stack_groups()))
+    extra = task.stack_features(rows[["row_id"]].reset_index(drop=True), probs, manifest)
+    return pd.concat([out, extra.reset_index(drop=True)], axis=1)
+
+
+# =============================================================================================
+# Cross-validation
+# =============================================================================================
+
+
+def cv_predict(factory, rows, probs, feats) -> np.ndarray:
+    """Out-of-fold predictions of a stacker: fit on the other folds' rows, predict each fold's."""
+    out = np.zeros((len(rows), probs.shape[2]))
+    folds = rows["fold"].to_numpy()
+    for f in np.unique(folds):
+        tr, te = folds != f, folds == f
+        model = factory().fit(rows[tr], probs[tr], feats[tr])
+        out[te] = model.predict(rows[te], probs[te], feats[te])
+    return out
+
+
+def selected_predict(task, cands: dict, rows, probs, feats) -> tuple[np.ndarray, dict]:
+    """Model selection out of fold: for each fold, the candidate with the best inner-CV score on the
+    other folds is refitted on them and predicts the fold. Returns predictions and the picks."""
+    out = np.zeros((len(rows), probs.shape[2]))
+    folds = rows["fold"].to_numpy()
+    picks = {}
+    for f in np.unique(folds):
+        tr, te = folds != f, folds == f
+        r, p, x = rows[tr].reset_index(drop=True), probs[tr], feats[tr].reset_index(drop=True)
+        inner = {name: score(task, r, cv_predict(fac, r, p, x))["score"] for name, fac in cands.items()}
+        best = min(inner, key=inner.get)
+        picks[int(f)] = best
+        out[te] = cands[best]().fit(r, p, x).predict(rows[te], probs[te], feats[te])
+    return out, picks
+
+
+# =============================================================================================
+# The stage
+# =============================================================================================
+
+
+def _manifest(paths: Paths) -> pd.DataFrame | None:
+    return pd.read_parquet(paths.crop_manifest) if paths.crop_manifest.exists() else None
+
+
+def _bayes(task, paths: Paths, rows: pd.DataFrame) -> np.ndarray | None:
+    f = paths.truth_dir / "labels.csv"
+    if not f.exists():
+        return None
+    truth = pd.read_csv(f, dtype={"study_id": str}).set_index("row_id")
+    cols = {c: f"bayes_{c}" for c in task.pred_columns}
+    return to_matrix(
+        task, truth.loc[rows["row_id"], list(cols.values())].rename(columns={v: k for k, v in cols.items()})
+    )
+
+
+def run_ensemble(cfg, members: list) -> dict:
+    """Stage 05: score every candidate out of fold, save the best one's spec and the stacked OOF."""
+    task = get_task(cfg.task)
+    paths = Paths.from_config(cfg)
+    names = [m.exp for m in members]
+    rows, probs = load_oof({m.exp: Paths.from_config(m) for m in members}, task)
+    if rows["fold"].nunique() < 3:
+        raise ValueError(
+            f"stage 05 needs OOF rows from at least 3 folds (nested CV), got {rows['fold'].nunique()}: "
+            "train every fold in stage 04 (folds.n_folds >= 3)"
+        )
+    k = n_classes(task)
+    feats = features(task, rows, probs, _manifest(paths))
+    cands = candidates(names, cfg.ensemble)
+    log.info("stage 05: %d rows of %d studies, members %s", len(rows), rows["study_id"].nunique(), names)
+    scores, preds = {}, {}
+    for name, fac in cands.items():
+        preds[name] = cv_predict(fac, rows, probs, feats)
+        scores[name] = score(task, rows, preds[name])
+        log.info("%-16s %s", name, format_scores(scores[name]))
+    selected, picks = selected_predict(task, cands, rows, probs, feats)
+    best = min(scores, key=lambda n: scores[n]["score"])
+    final = cands[best]().fit(rows, probs, feats)
+    report = {
+        "exp": cfg.exp,
+        "members": names,
+        "rows": len(rows),
+        "studies": int(rows["study_id"].nunique()),
+        "candidates": scores,
+        "selected": score(task, rows, selected),
+        "selected_per_fold": picks,
+        "chosen": best,
+        "prior": score(task, rows, oof_prior(rows, k)),
+    }
+    bayes = _bayes(task, paths, rows)
+    if bayes is not None:
+        report["bayes"] = score(task, rows, bayes)
+        gap = report["prior"]["score"] - report["bayes"]["score"]
+        report["signal_captured"] = (report["prior"]["score"] - report["selected"]["score"]) / gap
+    spec = {
+        "task": task.name,
+        "members": names,
+        "chosen": best,
+        "stacker": type(final).__name__.lower(),
+        "params": final.params(),
+        "classes": k,
+        "prior": prior_table(rows, k),
+        "feature_columns": list(feats.columns),
+    }
+    save_text(paths.ensemble_spec, json.dumps(spec, indent=1))
+    save_config(cfg, paths.ensemble_spec.parent)
+    oof = pd.concat([rows[["row_id", "study_id"]], from_matrix(task, selected)], axis=1)
+    save_table(paths.ensemble_oof, oof.assign(fold=rows["fold"].to_numpy(), stacker="selected"))
+    save_text(paths.ensemble_report, json.dumps(report, indent=2, default=float))
+    return {**report, "summary": _summary(report)}
+
+
+def _summary(report: dict) -> dict:
+    out = {f"OOF {name}": round(s["score"], 4) for name, s in report["candidates"].items()}
+    out["OOF stacked (selection out of fold)"] = round(report["selected"]["score"], 4)
+    out["prior (out of fold)"] = round(report["prior"]["score"], 4)
+    if "bayes" in report:
+        out["Bayes optimum"] = round(report["bayes"]["score"], 4)
+        out["signal captured by the stack"] = round(report["signal_captured"], 3)
+    out["chosen for stage 06"] = report["chosen"]
+    return out
+
+
+# =============================================================================================
+# Applying a spec (stage 06)
+# =============================================================================================
+
+
+def load_spec(paths: Paths) -> dict:
+    spec = json.loads(require(paths.ensemble_spec, "05_ensemble").read_text())
+    return spec
+
+
+def apply_spec(spec: dict, task, row_ids, probs: np.ndarray, manifest: pd.DataFrame | None) -> np.ndarray:
+    """The spec's stacker on new rows: (n, K) probabilities from the members' (n, M, K)."""
+    rows = row_table(task, row_ids)
+    feats = features(task, rows, probs, manifest)
+    stacker = STACKERS[spec["stacker"]].from_params(spec["params"])
+    return stacker.predict(rows, probs, feats)

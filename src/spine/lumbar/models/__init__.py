@@ -1,0 +1,1 @@
+"""The lumbar models: the keypoint heatmap localizer and the severity classifiers."""

@@ -1,1 +1,0 @@
-"""Models by name: timm backbones inside the repo's own heads."""
