@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-demo
+.PHONY: demo demo-full test lint bench clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,31 +13,34 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-LUMBAR := --config configs/lumbar/demo.yaml
-CERVICAL := --config configs/cervical/demo.yaml
+# Stages 00-06 of one pipeline config (the overlays script says so when a task has none).
+define chain
+	$(PY) src/00_make_demo_data.py --config $(1)
+	$(PY) src/01_preprocess.py --config $(1)
+	$(PY) src/02_localize.py --config $(1)
+	$(PY) src/03_crop.py --config $(1)
+	$(PY) src/plot_overlays.py --config $(1) --n 3
+	$(PY) src/04_train.py --config $(1)
+	$(PY) src/05_ensemble.py --config $(1)
+	$(PY) src/06_predict.py --config $(1)
+endef
 
-demo: $(STAMP)
-	$(PY) src/00_make_demo_data.py $(LUMBAR)
-	$(PY) src/01_preprocess.py $(LUMBAR)
-	$(PY) src/02_localize.py $(LUMBAR)
-	$(PY) src/03_crop.py $(LUMBAR)
-	$(PY) src/plot_overlays.py $(LUMBAR) --n 3
-	$(PY) src/04_train.py $(LUMBAR)
-	$(PY) src/05_ensemble.py $(LUMBAR)
-	$(PY) src/06_predict.py $(LUMBAR)
-	$(PY) src/00_make_demo_data.py $(CERVICAL)
-	$(PY) src/01_preprocess.py $(CERVICAL)
-	$(PY) src/02_localize.py $(CERVICAL)
-	$(PY) src/03_crop.py $(CERVICAL)
-	$(PY) src/04_train.py $(CERVICAL)
-	$(PY) src/05_ensemble.py $(CERVICAL)
-	$(PY) src/06_predict.py $(CERVICAL)
-	$(PY) src/demo_summary.py $(LUMBAR) $(CERVICAL)
+demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
+	$(call chain,configs/lumbar/demo.yaml)
+	$(call chain,configs/cervical/demo.yaml)
+	$(PY) src/demo_summary.py --config configs/lumbar/demo.yaml --config configs/cervical/demo.yaml
 	@echo
 	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Per task:"
 	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv + overlays/*.png; cervical vertebrae.csv),"
 	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,demo_3d,ensemble_demo}/,"
-	@echo "submissions/<task>_demo.csv (+ .report.json)."
+	@echo "submissions/<task>_demo.csv (+ .report.json). Larger data and longer training: make demo-full."
+
+demo-full: $(STAMP)  # the same chain with more studies and epochs (about half an hour on 2 CPU cores)
+	$(call chain,configs/lumbar/demo_full.yaml)
+	$(call chain,configs/cervical/demo_full.yaml)
+	$(PY) src/demo_summary.py --config configs/lumbar/demo_full.yaml --config configs/cervical/demo_full.yaml
+	@echo
+	@echo "Full demo done: data in input/demo_full/, every output under output/demo_full/."
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -49,5 +52,6 @@ bench: $(STAMP)
 	$(PY) bench/preprocess.py
 
 clean-demo:  # removes only generated data sets (those with a _truth folder) and the pipeline's outputs
-	rm -rf cache folds localize crops models predict oof/*/ submissions/*.csv submissions/*.json
+	rm -rf cache folds localize crops models predict oof/*/ submissions/*.csv submissions/*.json output/demo_full
+	for t in input/demo_full/*_truth; do [ -d "$$t" ] && rm -rf "$${t%_truth}" "$$t"; done; true
 	for t in input/*_truth; do [ -d "$$t" ] && rm -rf "$${t%_truth}" "$$t"; done; true

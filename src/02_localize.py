@@ -6,14 +6,16 @@ Lumbar writes localize/<task>/points.csv (OOF for train, fold mean for test) and
 cervical writes localize/<task>/vertebrae.csv, slices.parquet and report.json.
 """
 
-from spine.core.cli import parse_stage_args
+from spine.core.cli import parse_stage_args, stage_runner
 from spine.core.report import print_summary, stage_summary
-from spine.registry import get_task
 
 
 def main(argv=None) -> dict:
     cfg = parse_stage_args(__doc__, argv)
-    report = get_task(cfg.task).runner("localize")(cfg)
+    run = stage_runner(cfg.task, "localize", "02_localize")
+    if run is None:
+        return {}
+    report = run(cfg)
     print_summary(f"stage 02 {cfg.task} localization (out of fold)", stage_summary(report))
     return report
 

@@ -5,14 +5,16 @@ implementation.
 python src/03_crop.py --config configs/lumbar/demo.yaml [crop.points=label] [key=value ...]
 """
 
-from spine.core.cli import parse_stage_args
+from spine.core.cli import parse_stage_args, stage_runner
 from spine.core.report import print_summary, stage_summary
-from spine.registry import get_task
 
 
 def main(argv=None) -> dict:
     cfg = parse_stage_args(__doc__, argv)
-    summary = get_task(cfg.task).runner("crop")(cfg)
+    run = stage_runner(cfg.task, "crop", "03_crop")
+    if run is None:
+        return {}
+    summary = run(cfg)
     print_summary(f"stage 03 {cfg.task} crop", stage_summary(summary))
     return summary
 

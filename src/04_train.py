@@ -7,10 +7,9 @@ resumable per fold, and writes models/<task>/<exp>/fold{k}_seed{s}.pt and
 oof/<task>/<exp>/{fold{k}.csv, oof.csv, report.json}.
 """
 
-from spine.core.cli import parse_member_args
+from spine.core.cli import parse_member_args, stage_runner
 from spine.core.report import print_summary, stage_summary
 from spine.core.train import dist
-from spine.registry import get_task
 
 
 def main(argv=None) -> dict:
@@ -19,7 +18,10 @@ def main(argv=None) -> dict:
     reports = {}
     try:
         for cfg in members:
-            reports[cfg.exp] = report = get_task(cfg.task).runner("train")(cfg)
+            run = stage_runner(cfg.task, "train", "04_train")
+            if run is None:
+                break
+            reports[cfg.exp] = report = run(cfg)
             if dist.is_main():
                 print_summary(
                     f"stage 04 {cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies "

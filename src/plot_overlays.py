@@ -6,9 +6,8 @@ python src/plot_overlays.py --config configs/lumbar/demo.yaml [--n 3] [--out DIR
 
 import argparse
 
-from spine.core.cli import setup_logging
+from spine.core.cli import setup_logging, stage_runner
 from spine.core.config import load_config
-from spine.registry import get_task
 
 
 def main(argv=None) -> list:
@@ -20,11 +19,10 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_config(args.config, args.overrides)
-    task = get_task(cfg.task)
-    if "overlays" not in task.runners:
-        print(f"overlays: task {task.name!r} has none; nothing to do")
+    run = stage_runner(cfg.task, "overlays", "plot_overlays")
+    if run is None:
         return []
-    written = task.runner("overlays")(cfg, n=args.n, out=args.out)
+    written = run(cfg, n=args.n, out=args.out)
     print(f"wrote {len(written)} overlays to {written[0].parent if written else '(none)'}")
     return written
 

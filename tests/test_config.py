@@ -50,3 +50,22 @@ def test_overrides_redirect_every_path(tmp_path):
         assert str(p).startswith(f"{tmp_path}/o")
     assert str(save_config(cfg, paths.cache_dir)).startswith(f"{tmp_path}/o")
     assert "git commit" in (paths.cache_dir / "config.yaml").read_text()
+
+
+def test_a_task_config_carries_no_key_of_the_other_task():
+    lumbar = load_config(REPO_ROOT / "configs/lumbar/demo.yaml")
+    cervical = load_config(REPO_ROOT / "configs/cervical/demo.yaml")
+    assert "segment" not in lumbar and "localize" not in cervical
+    assert not {"depth", "margin_mm", "z_margin_mm"} & set(lumbar.crop)
+    assert not {"windows", "n_seq", "sequence", "aux_slice", "overall"} & set(lumbar.train)
+    assert not {"points", "size_mm", "n_slices", "recess_offset_mm"} & set(cervical.crop)
+    assert not {"views", "slice_mode", "aux_binary"} & set(cervical.train)
+    with pytest.raises(KeyError, match="crop.depth"):
+        load_config(REPO_ROOT / "configs/lumbar/demo.yaml", ["crop.depth=8"])
+
+
+def test_the_full_demo_keeps_its_data_and_outputs_apart():
+    quick = load_config(REPO_ROOT / "configs/lumbar/demo.yaml")
+    full = load_config(REPO_ROOT / "configs/lumbar/demo_full.yaml")
+    assert quick.data_dir != full.data_dir and quick.out_dir != full.out_dir
+    assert full.demo_data.n_train > quick.demo_data.n_train

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from spine.core import ensemble
+from spine.core import ensemble, priors
 from spine.core.config import REPO_ROOT
 from spine.registry import get_task
 
@@ -77,6 +77,6 @@ def test_binary_matrix_round_trip_and_prior():
     np.testing.assert_allclose(m, [[0.9, 0.1], [0.1, 0.9]])
     np.testing.assert_allclose(ensemble.from_matrix(task, m)["fractured"], df["fractured"])
     rows = pd.DataFrame({"key": ["C1", "C1", "C1", "C2"], "y": [0, 0, 1, 1]})
-    table = ensemble.prior_table(rows, 2)
+    table = priors.prior_table(rows["key"], rows["y"], 2)
     np.testing.assert_allclose(table["C1"], [2.5 / 4, 1.5 / 4])
-    np.testing.assert_allclose(ensemble.prior_probs(table, ["C7"], 2), [[0.5, 0.5]])
+    np.testing.assert_allclose(priors.prior_probs(table, ["C7"], 2), [[0.5, 0.5]])

@@ -96,7 +96,10 @@ def test_folds_split_studies_and_are_reused(tmp_path):
         folds["study_id"].is_unique and len(folds) == 10 and sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
     )
     pd.testing.assert_frame_equal(folds, make_folds("lumbar", data, 5, 42))
-    cfg = load_config(REPO_ROOT / "configs/lumbar/demo.yaml", [f"data_dir={data}", f"out_dir={tmp_path}/o"])
+    cfg = load_config(
+        REPO_ROOT / "configs/lumbar/demo.yaml",
+        [f"data_dir={data}", f"out_dir={tmp_path}/o", "folds.n_folds=5"],
+    )
     assert load_folds(cfg)["fold"].tolist() == folds["fold"].tolist()
     cfg3 = load_config(
         REPO_ROOT / "configs/lumbar/demo.yaml",
@@ -152,3 +155,35 @@ def test_stage_02_rerun_skips_trained_folds(localized):
     stamps = [p.stat().st_mtime_ns for p in ckpts]
     run_localize(cfg)
     assert len(ckpts) == 2 and [p.stat().st_mtime_ns for p in ckpts] == stamps  # one model per fold
+
+
+def test_localizer_fold_by_fold_then_all_trains_each_fold_once(tmp_path, monkeypatch):
+    import spine.lumbar.localize as localize
+
+    generate("lumbar", tmp_path / "data", 6, 1, seed=7, image_size=64)
+    base = [
+        f"data_dir={tmp_path / 'data'}",
+        f"out_dir={tmp_path / 'out'}",
+        "num_workers=1",
+        "folds.n_folds=2",
+        "localize.epochs=1",
+        "localize.image_size=64",
+        "localize.backbone=resnet10t",
+    ]
+    trained = []
+    real_fit = localize.fit
+
+    def counting_fit(*args, **kwargs):
+        trained.append(args[6])  # the fit's name, "fold k"
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(localize, "fit", counting_fit)
+    load = lambda *extra: load_config(REPO_ROOT / "configs/lumbar/demo.yaml", [*base, *extra])
+    run_preprocess(load())
+    run_localize(load("localize.folds=[0]"))
+    run_localize(load("localize.folds=[1]", "localize.loader_workers=1"))  # run-only keys differ too
+    assert trained == ["fold 0", "fold 1"]
+    run_localize(load())  # every fold: all current
+    assert trained == ["fold 0", "fold 1"]
+    run_localize(load("localize.epochs=2", "localize.folds=[0]"))  # what a fold learns changed: retrain
+    assert trained == ["fold 0", "fold 1", "fold 0"]

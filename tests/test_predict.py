@@ -116,7 +116,7 @@ def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch):
     info = _stage("make_offline_bundle").main(
         ["--config", CONFIG, "--out", str(bundle), f"data_dir={root / 'data'}", f"out_dir={root / 'out'}"]
     )
-    assert (bundle / "repo/src/spine/predict.py").exists() and (bundle / "bundle.json").exists()
+    assert (bundle / "repo/src/spine/core/predict.py").exists() and (bundle / "bundle.json").exists()
     assert any("localizer" in f for f in info["model_files"])
     assert not list(bundle.rglob("*.key")) and not list(bundle.rglob("*.last"))
     work = tmp_path / "kaggle_working"

@@ -14,7 +14,7 @@ from spine.core.io import save_table
 from spine.core.paths import Paths
 from spine.core.preprocess import run_preprocess
 from spine.core.synth import generate
-from spine.lumbar.classify import build_model, prior_probs, run_train, train_rows
+from spine.lumbar.classify import build_model, prior_baseline, run_train, train_rows
 from spine.lumbar.crops import run_crops
 from spine.lumbar.points import label_points
 from spine.lumbar.task import PRED_COLUMNS
@@ -85,7 +85,7 @@ def test_prior_baseline_uses_other_folds_only(cropped):
     rows = _labelled(paths)
     one = rows[rows["study_id"] == rows["study_id"].iloc[0]]
     fold_of = {s: int(s == one["study_id"].iloc[0]) for s in rows["study_id"]}
-    probs = prior_probs(one, fold_of, rows)
+    probs = prior_baseline(one, fold_of, rows)
     others = rows[rows["study_id"] != one["study_id"].iloc[0]]
     r = one.iloc[0]
     counts = np.bincount(

@@ -32,27 +32,29 @@ merged ``paths.crop_manifest`` (one row per study and vertebra), ``paths.crop_re
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from spine.cervical.segment import (
     VERTEBRA_COLUMNS,  # the stage 02 -> 03 table (localize/cervical/vertebrae.csv)
 )
 from spine.cervical.task import VERTEBRAE
 from spine.core import geometry
-from spine.core.config import save_config
-from spine.core.io import fingerprint, save_npy, save_table, save_text
-from spine.core.parallel import resolve_workers, worker_pool
+from spine.core.crops import (
+    CropHooks,
+    CropSettings,
+    crop_matrix,
+    quantiles,
+    run_crop_stage,
+    write_study_manifest,
+)
+from spine.core.io import fingerprint, save_npy
 from spine.core.paths import Paths, require
 from spine.core.stacks import IOP_COLS
-from spine.lumbar.crops import crop_matrix
 from spine.registry import get_task
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,11 @@ log = logging.getLogger(__name__)
 VIEW = "vert"
 AIR_HU = -1024
 BOX_COLUMNS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
+QUANTILES = ((0.5, 0.9), 2, "min")  # report quantiles: qs, digits, first statistic
 
 
 @dataclass(frozen=True)
-class VertebraCropSpec:
+class VertebraCropSpec(CropSettings):
     """The crop settings of one run: ``crop.depth``, ``pixels``, ``margin_mm``, ``z_margin_mm``."""
 
     depth: int
@@ -71,13 +74,10 @@ class VertebraCropSpec:
     margin_mm: float
     z_margin_mm: float
 
-    @classmethod
-    def from_config(cls, cfg) -> VertebraCropSpec:
-        c = cfg.crop
-        spec = cls(int(c.depth), int(c.pixels), float(c.margin_mm), float(c.z_margin_mm))
-        if spec.depth < 1 or spec.pixels < 8:
-            raise ValueError(f"crop.depth must be >= 1 and crop.pixels >= 8, got {spec}")
-        return spec
+    def check(self) -> None:
+        """At least one position along the slices and crops of 8² pixels or more."""
+        if self.depth < 1 or self.pixels < 8:
+            raise ValueError(f"crop.depth must be >= 1 and crop.pixels >= 8, got {self}")
 
 
 # =============================================================================================
@@ -205,8 +205,7 @@ def crop_study(job: StudyJob, paths: Paths, spec: VertebraCropSpec) -> list[dict
         fields, arr[i] = _crop_vertebra(v, volume, job.geometry, spec, boxes)
         rows.append(base | {"found": True, "reason": ""} | fields)
     save_npy(paths.crop_array(job.split, job.study_id, VIEW), arr)
-    manifest = {"fingerprint": job.fingerprint, "rows": rows}
-    save_text(paths.crop_study_manifest(job.split, job.study_id), json.dumps(manifest, default=_plain))
+    write_study_manifest(paths, job.split, job.study_id, job.fingerprint, rows)
     return rows
 
 
@@ -288,11 +287,6 @@ def _box_labels(v: dict, z: np.ndarray, z_out: np.ndarray, boxes: dict) -> dict:
     }
 
 
-def _plain(value):
-    """JSON fallback for numpy scalars."""
-    return value.item()
-
-
 # =============================================================================================
 # Jobs
 # =============================================================================================
@@ -366,15 +360,6 @@ def build_jobs(studies, vertebrae, series, inst, boxes, spec) -> list[StudyJob]:
     return jobs
 
 
-def _is_done(paths: Paths, job: StudyJob) -> bool:
-    path = paths.crop_study_manifest(job.split, job.study_id)
-    return (
-        path.exists()
-        and paths.crop_array(job.split, job.study_id, VIEW).exists()
-        and json.loads(path.read_text()).get("fingerprint") == job.fingerprint
-    )
-
-
 def _work(args) -> int:
     """Crop one study (a worker pool item); returns the number of vertebrae cropped."""
     job, paths, spec = args
@@ -396,35 +381,17 @@ def run_crops(cfg) -> dict:
         t["study_id"], t["series_id"] = t["study_id"].astype(str), t["series_id"].astype(str)
     studies = list_studies(paths.data_dir, cfg.preprocess.splits)
     jobs = build_jobs(studies, load_vertebrae(paths), series, inst, load_boxes(paths.data_dir), spec)
-    overwrite = bool(cfg.crop.get("overwrite", False))
-    todo = [j for j in jobs if overwrite or not _is_done(paths, j)]
-    workers = resolve_workers(cfg.num_workers)
-    log.info("stage 03: %d studies (%d to crop) with %d workers", len(jobs), len(todo), workers)
-    t0, n_crops = time.perf_counter(), 0
-    bar = tqdm(total=len(todo), desc="crop", unit="study")
-    with worker_pool(workers, len(todo)) as pool:
-        for n in pool(_work, [(j, paths, spec) for j in todo]):
-            n_crops += n
-            bar.update()
-            bar.set_postfix(vertebrae=n_crops)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    manifest = merge_manifests(paths, studies)
-    report = crop_report(manifest, inst, _truth_vertebrae(paths))
-    save_text(paths.crop_report, json.dumps(report, indent=2))
-    save_config(cfg, paths.crop_dir)
-    return {
-        "studies": len(jobs),
-        "studies_cropped": len(todo),
-        "studies_skipped_done": len(jobs) - len(todo),
-        "rows": len(manifest),
-        "vertebrae_cropped": n_crops,
-        "rows_missing": int((~manifest["found"]).sum()),
-        **_headline(report),
-        "seconds": round(seconds, 2),
-        "studies_per_s": round(len(todo) / seconds, 1) if seconds > 0 else 0.0,
-        "crop_dir": str(paths.crop_dir),
-    }
+    report = lambda manifest: crop_report(manifest, inst, _truth_vertebrae(paths))
+    hooks = CropHooks(
+        _work, (paths, spec), (VIEW,), MANIFEST_FIELDS, tidy_manifest, report, _summary, "vertebrae"
+    )
+    return run_crop_stage(cfg, paths, studies, jobs, hooks)
+
+
+def _summary(manifest: pd.DataFrame, report: dict, vertebrae_cropped: int) -> dict:
+    """The cervical keys of the run summary: vertebrae cropped, rows missing, the report's headline."""
+    missing = int((~manifest["found"]).sum())
+    return {"vertebrae_cropped": vertebrae_cropped, "rows_missing": missing, **_headline(report)}
 
 
 MANIFEST_FIELDS = [
@@ -443,13 +410,8 @@ MANIFEST_FIELDS = [
 ]
 
 
-def merge_manifests(paths: Paths, studies: pd.DataFrame) -> pd.DataFrame:
-    """Concatenate the per-study manifests into ``paths.crop_manifest`` (study order, C1..C7)."""
-    rows = []
-    for split, study_id in studies.itertuples(index=False):
-        rows += json.loads(paths.crop_study_manifest(split, study_id).read_text())["rows"]
-    df = pd.DataFrame(rows)
-    df = df.reindex(columns=[*df.columns, *(c for c in MANIFEST_FIELDS if c not in df.columns)])
+def tidy_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """The merged manifest's dtypes: string ids, nullable ints where a row was not cropped, bools."""
     df["study_id"], df["series_id"] = df["study_id"].astype(str), df["series_id"].astype("string")
     for col in ("stack", "slice_start", "slice_end", "depth_outside", "box_slices", "voxels"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
@@ -457,7 +419,6 @@ def merge_manifests(paths: Paths, studies: pd.DataFrame) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col]).astype(float)
     df["found"], df["has_boxes"] = df["found"].astype(bool), df["has_boxes"].astype(bool)
     df["box_depth"] = [d if isinstance(d, list) else None for d in df["box_depth"]]
-    save_table(paths.crop_manifest, df)
     return df
 
 
@@ -494,20 +455,6 @@ def truth_inside(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.DataFrame
     return pd.Series(out, dtype=bool)
 
 
-def _quantiles(values) -> dict:
-    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
-    if v.empty:
-        return {"n": 0}
-    q = v.quantile([0.5, 0.9]).round(2).tolist()
-    return {
-        "n": len(v),
-        "min": round(float(v.min()), 2),
-        "p50": q[0],
-        "p90": q[1],
-        "max": round(float(v.max()), 2),
-    }
-
-
 def crop_report(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.DataFrame | None) -> dict:
     """Per split: found rows, why the others are missing, crop sizes, box labels and, on generated
     data, the share of found rows whose true vertebra centre lies inside the crop."""
@@ -520,8 +467,8 @@ def crop_report(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.DataFrame 
             "rows": len(m),
             "found": len(f),
             "missing_reasons": {k: int(n) for k, n in m.loc[~m["found"], "reason"].value_counts().items()},
-            "box_mm": _quantiles(f["box_mm"]),
-            "depth_mm": _quantiles(f["depth_mm"]),
+            "box_mm": quantiles(f["box_mm"], *QUANTILES),
+            "depth_mm": quantiles(f["depth_mm"], *QUANTILES),
             "positions_outside_scan": int(f["depth_outside"].fillna(0).sum()),
             "rows_with_box_labels": int(f["box_depth"].notna().sum()),
             "rows_with_a_boxed_slice": int((f["box_slices"].fillna(0) > 0).sum()),

@@ -19,7 +19,6 @@ folds' label rate of its target (with a ``reason``). ``predict_test`` is stage 0
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import albumentations as A
 import cv2
@@ -33,12 +32,12 @@ from spine.cervical.crops import AIR_HU, VIEW
 from spine.cervical.ct import window
 from spine.cervical.models.fracture import build_fracture_model
 from spine.cervical.task import TARGETS, VERTEBRAE, WEIGHTS
-from spine.core.io import claim, mark_current, save_table
 from spine.core.paths import Paths, require
+from spine.core.priors import oof_prior, prior_probs, prior_table
 from spine.core.train import dist
-from spine.core.train.loop import TrainSettings, autocast, fit, load_weights, reseed
-from spine.core.train.stage import fold_key, run_folds, torch_threads
-from spine.lumbar.classify import make_loader
+from spine.core.train.loop import autocast, load_weights, reseed
+from spine.core.train.stage import Family, make_loader, predict_checkpoints, run_folds, torch_threads
+from spine.core.truth import add_bayes, bayes_frame
 from spine.registry import get_task
 
 log = logging.getLogger(__name__)
@@ -315,12 +314,16 @@ def long_frame(studies: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     )
 
 
-def label_rates(studies: pd.DataFrame) -> np.ndarray:
-    """Per target (TARGETS order), the labelled studies' fracture rate with half a pseudo count each
-    side, so a target never seen fractured is not impossible."""
+def target_labels(studies: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Every (study, target) of ``studies``: its target (the prior key) and label (NaN where missing)."""
     y = np.stack(studies["y"].to_list()) if len(studies) else np.zeros((0, len(TARGETS)))
-    known = np.isfinite(y)
-    return (np.where(known, y, 0).sum(0) + 0.5) / (known.sum(0) + 1.0)
+    return np.tile(np.array(TARGETS, dtype=object), len(y)), y.reshape(-1)
+
+
+def label_rates(studies: pd.DataFrame) -> np.ndarray:
+    """Per target (TARGETS order), the labelled studies' fracture rate: the prior of
+    ``spine.core.priors`` with its two classes, so a target never seen fractured is not impossible."""
+    return prior_probs(prior_table(*target_labels(studies), 2), TARGETS, 2)[:, 1]
 
 
 def fill_with_prior(frame: pd.DataFrame, rates: np.ndarray) -> pd.DataFrame:
@@ -343,50 +346,17 @@ def build_model(cfg) -> torch.nn.Module:
     return build_fracture_model(cfg.train, int(cfg.crop.depth))
 
 
-def train_fold(cfg, paths: Paths, studies: pd.DataFrame, fold_of: dict, fold: int, device) -> dict:
-    """Train one fold (or load its checkpoint) and write its out-of-fold predictions."""
-    tc = cfg.train
-    key = fold_key(cfg, paths)
+def split(studies: pd.DataFrame, fold_of: dict, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The studies a fold trains on (the other folds') and those it predicts (its own)."""
     folds = studies["study_id"].map(fold_of)
-    train, held = studies[folds != fold], studies[folds == fold]
-    ckpt = paths.checkpoint(fold, cfg.seed)
-    if dist.is_main():
-        claim(ckpt, key)
-    dist.barrier()
-    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
-    model = build_model(cfg)
-    history = []
-    if ckpt.exists():
-        model = load_weights(model, ckpt, device)
-    else:
-        loader = make_loader(StudyDataset(paths, train, tc.windows, augment=True), tc, True, device)
-
-        def validate(m):  # the official metric on the fold's held-out studies
-            return score_frame(oof_frame(m, paths, held, train, tc, device, fold, cfg.seed), studies)["score"]
-
-        use_val = tc.select == "best" or tc.patience is not None or tc.validate_every_epoch
-        model, history = fit(
-            model,
-            loader,
-            StudyLoss(tc.aux_slice, tc.aux_detect, tc.aux_pos_weight),
-            TrainSettings.from_config(tc, cfg.seed + fold),
-            ckpt,
-            device,
-            f"fold {fold}",
-            validate=validate if use_val else None,
-        )
-    frame = oof_frame(model, paths, held, train, tc, device, fold, cfg.seed)
-    if dist.is_main():
-        save_table(paths.oof_fold(fold), frame)
-        mark_current(paths.oof_fold(fold), key)
-    return {"fold": fold, "history": history}
+    return studies[folds != fold], studies[folds == fold]
 
 
-def oof_frame(model, paths, held, train, tc, device, fold: int, seed: int) -> pd.DataFrame:
+def oof_frame(model, paths, held, train, cfg, device, fold: int) -> pd.DataFrame:
     """The held-out studies' rows in submission format, gaps filled with the training folds' rates."""
-    frame = long_frame(held, predict_studies(model, paths, held, tc, device))
+    frame = long_frame(held, predict_studies(model, paths, held, cfg.train, device))
     frame = fill_with_prior(frame, label_rates(train))
-    frame = frame.assign(fold=fold, seed=seed)
+    frame = frame.assign(fold=fold, seed=cfg.seed)
     return frame[["row_id", "fractured", "study_id", "target", "fold", "seed", "reason"]]
 
 
@@ -415,22 +385,11 @@ def score_frame(frame: pd.DataFrame, studies: pd.DataFrame) -> dict:
 
 def prior_frame(oof: pd.DataFrame, studies: pd.DataFrame, fold_of: dict) -> pd.DataFrame:
     """Prior-only baseline, out of fold: each row gets its target's label rate in the other folds."""
-    folds = studies["study_id"].map(fold_of)
+    keys, labels = target_labels(studies)
+    ref_folds = np.repeat(studies["study_id"].map(fold_of).to_numpy(), len(TARGETS))
     out = oof[["row_id", "target", "fold"]].copy()
-    for fold in out["fold"].unique():
-        rates = dict(zip(TARGETS, label_rates(studies[folds != fold])))
-        m = out["fold"] == fold
-        out.loc[m, "fractured"] = out.loc[m, "target"].map(rates)
+    out["fractured"] = oof_prior(out["target"], out["fold"], 2, keys, labels, ref_folds)[:, 1]
     return out
-
-
-def bayes_frame(paths: Paths, oof: pd.DataFrame) -> pd.DataFrame | None:
-    """The generator's Bayes-optimal probabilities of these rows, when its truth folder exists."""
-    f = paths.truth_dir / "labels.csv"
-    if not f.exists():
-        return None
-    truth = pd.read_csv(f).set_index("row_id")["bayes_fractured"]
-    return pd.DataFrame({"row_id": oof["row_id"], "fractured": truth.reindex(oof["row_id"]).to_numpy()})
 
 
 def oof_report(paths: Paths, oof: pd.DataFrame, studies: pd.DataFrame, fold_of: dict) -> dict:
@@ -442,23 +401,15 @@ def oof_report(paths: Paths, oof: pd.DataFrame, studies: pd.DataFrame, fold_of: 
         "model": score_frame(oof, studies),
         "prior": score_frame(prior_frame(oof, studies, fold_of), studies),
     }
-    bayes = bayes_frame(paths, oof)
-    if bayes is not None and bayes["fractured"].notna().all():
-        report["bayes"] = score_frame(bayes, studies)
-        gap = report["prior"]["score"] - report["bayes"]["score"]
-        report["signal_captured"] = (report["prior"]["score"] - report["model"]["score"]) / gap
-    return report
+    bayes = bayes_frame(paths, oof["row_id"], ["fractured"])
+    if bayes is not None:
+        bayes = score_frame(pd.concat([oof[["row_id"]].reset_index(drop=True), bayes], axis=1), studies)
+    return add_bayes(report, bayes)
 
 
 # =============================================================================================
 # Entry points
 # =============================================================================================
-
-
-def run_train(cfg) -> dict:
-    """Stage 04: train the folds of ``fold`` / ``train.folds`` (default all); write oof.csv and a report."""
-    with torch_threads(cfg.train.torch_threads):
-        return run_folds(cfg, load_studies, train_fold, oof_report, {"study_id": str, "reason": str})
 
 
 def load_studies(paths: Paths, cfg) -> pd.DataFrame:
@@ -468,22 +419,28 @@ def load_studies(paths: Paths, cfg) -> pd.DataFrame:
     return studies
 
 
-def fold_checkpoints(paths: Paths, seed: int) -> list[Path]:
-    """Every fold checkpoint of the experiment under ``paths.model_dir``; an error naming the expected
-    file when there is none."""
-    found = sorted(paths.model_dir.glob("fold*_seed*.pt"))
-    if not found:
-        raise FileNotFoundError(
-            f"no fold checkpoint under {paths.model_dir} (e.g. {paths.checkpoint(0, seed)}): "
-            "run src/04_train.py first, or point models_from at a folder holding models/"
-        )
-    return found
+FAMILY = Family(
+    load_items=load_studies,
+    split=split,
+    build_model=build_model,
+    dataset=lambda paths, studies, cfg, augment: StudyDataset(paths, studies, cfg.train.windows, augment),
+    loss=lambda cfg: StudyLoss(cfg.train.aux_slice, cfg.train.aux_detect, cfg.train.aux_pos_weight),
+    predict_frame=oof_frame,
+    score=score_frame,
+    oof_report=oof_report,
+    oof_dtype={"study_id": str, "reason": str},
+)
+
+
+def run_train(cfg) -> dict:
+    """Stage 04: train the folds of ``fold`` / ``train.folds`` (default all); write oof.csv and a report."""
+    return run_folds(cfg, FAMILY)
 
 
 def predict_test(cfg) -> pd.DataFrame:
-    """Stage 06 inference: every test study of the crop manifest, predicted by every fold model found
-    and averaged. Returns row_id, study_id, target, fractured (NaN where the row could not be
-    predicted, e.g. a vertebra not found) and reason, patient_overall rows included."""
+    """Stage 06 inference: every test study of the crop manifest, predicted by the model of every fold
+    of ``train.folds`` (default all) and averaged. Returns row_id, study_id, target, fractured (NaN where
+    the row could not be predicted, e.g. a vertebra not found) and reason, patient_overall rows included."""
     with torch_threads(cfg.train.torch_threads):
         return _predict_test(cfg)
 
@@ -494,7 +451,7 @@ def _predict_test(cfg) -> pd.DataFrame:
     studies = study_table(paths, "test")
     check_crops(paths, studies, cfg)
     probs = []
-    for ckpt in fold_checkpoints(paths, cfg.seed):
+    for ckpt in predict_checkpoints(cfg, paths):
         model = load_weights(build_model(cfg), ckpt, device)
         probs.append(predict_studies(model, paths, studies, cfg.train, device))
         log.info("predicted %d test studies with %s", len(studies), ckpt.name)

@@ -51,7 +51,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
@@ -59,12 +58,12 @@ from spine.cervical import ct
 from spine.cervical.models.unet import UNet3D
 from spine.cervical.task import VERTEBRAE
 from spine.core.config import save_config
-from spine.core.folds import load_folds
-from spine.core.io import claim, fingerprint, is_current, mark_current, save_table, save_text
+from spine.core.folds import fold_checkpoints, fold_key, load_folds, selected_folds
+from spine.core.io import fingerprint, is_current, mark_current, save_table, save_text
 from spine.core.paths import Paths, require
 from spine.core.stacks import StackGeometry, stack_geometries
 from spine.core.train.loop import TrainSettings, autocast, fit, load_weights, resolve_device
-from spine.core.train.stage import torch_threads
+from spine.core.train.stage import fold_model, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -569,26 +568,18 @@ def predict_studies(
 # Stage 02: folds, fold mean, tables, report
 # =============================================================================================
 
-# settings that change no model and no prediction
-RUNTIME_KEYS = ("folds", "loader_workers", "device", "chunk_slices", "torch_threads")
 
-
-def fold_key(cfg, paths: Paths, items: list[StudyItem]) -> str:
-    """What a fold's model and predictions are made from: folds, config, seed, cache and masks."""
-    section = {k: v for k, v in OmegaConf.to_container(cfg.segment).items() if k not in RUNTIME_KEYS}
+def segmenter_key(cfg, paths: Paths, items: list[StudyItem]) -> str:
+    """What a fold's model and predictions are made from: the segment config (less run-only keys), the
+    folds, the seed, the cache and the masks."""
     masks = sorted((it.study_id, it.mask.stat().st_size) for it in items if it.mask is not None)
-    return fingerprint(paths.folds.read_text(), section, cfg.seed, paths.cache_source.read_text(), masks)
-
-
-def selected_folds(cfg) -> list[int]:
-    sc = cfg.segment
-    return list(sc.folds) if sc.folds is not None else list(range(cfg.folds.n_folds))
+    return fold_key(cfg.segment, paths.folds.read_text(), cfg.seed, paths.cache_source.read_text(), masks)
 
 
 def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, geos) -> None:
     """Train fold ``fold``'s model on the other folds' segmented studies; write its OOF predictions."""
     sc = cfg.segment
-    key = fold_key(cfg, paths, items)
+    key = segmenter_key(cfg, paths, items)
     device = resolve_device(sc.device)
     segmented = [it for it in items if it.mask is not None and it.path is not None]
     train = [it for it in segmented if fold_of.get(it.study_id) != fold]
@@ -596,12 +587,8 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
     if not train:
         raise RuntimeError(f"fold {fold}: no segmented study to train on outside the fold")
     ckpt = paths.segmenter_checkpoint(fold, cfg.seed)
-    claim(ckpt, key)
-    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
-    model = build_model(sc)
-    if ckpt.exists():
-        model = load_weights(model, ckpt, device)
-    else:
+
+    def fit_fold(model):
         need = [it for it in train if it.study_id not in grids]
         for sample in load_grids(paths, need, sc, geos, targets=True):
             it = need[sample["i"]]
@@ -612,7 +599,9 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
         batch = int(sc.batch)
         loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=0, drop_last=len(data) > batch)
         settings = TrainSettings.from_config(sc, cfg.seed + fold)
-        model, _ = fit(model, loader, SegLoss(sc, cfg.seed + fold), settings, ckpt, device, f"fold {fold}")
+        return fit(model, loader, SegLoss(sc, cfg.seed + fold), settings, ckpt, device, f"fold {fold}")
+
+    model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
     rows, slices = predict_studies(paths, held, [model], sc, "oof", geos, device)
     table = pd.DataFrame(rows).reindex(columns=VERTEBRA_COLUMNS + DICE_COLUMNS[1:]).assign(fold=fold)
     save_table(paths.segmenter_slices(fold), _concat(slices))
@@ -624,18 +613,12 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SLICE_COLUMNS)
 
 
-def load_models(cfg, paths: Paths, folds: list[int], device, stage: str) -> list:
+def load_models(cfg, paths: Paths, folds: list[int], device) -> list:
     """Every fold's trained segmenter; a clear error naming a missing checkpoint and the fix."""
-    models = []
-    for fold in folds:
-        ckpt = paths.segmenter_checkpoint(fold, cfg.seed)
-        if not ckpt.exists():
-            raise FileNotFoundError(
-                f"segmenter checkpoint {ckpt} is missing: run `python src/02_localize.py` with this config "
-                f"({stage}), or point models_from= at the folder that holds models/"
-            )
-        models.append(load_weights(build_model(cfg.segment), ckpt, device))
-    return models
+    ckpts = fold_checkpoints(
+        lambda f: paths.segmenter_checkpoint(f, cfg.seed), folds, "02_localize", "segmenter"
+    )
+    return [load_weights(build_model(cfg.segment), ckpt, device) for ckpt in ckpts]
 
 
 def run_segment(cfg) -> dict:
@@ -653,8 +636,8 @@ def _run_segment(cfg) -> dict:
     fold_of = dict(zip(folds_df["study_id"].astype(str), folds_df["fold"]))
     items = study_items(paths)
     geos = geometries(paths)
-    folds = selected_folds(cfg)
-    key = fold_key(cfg, paths, items)
+    folds = selected_folds(cfg, cfg.segment)
+    key = segmenter_key(cfg, paths, items)
     grids: dict = {}
     trained = []
     for fold in folds:
@@ -673,7 +656,7 @@ def _run_segment(cfg) -> dict:
     if not is_current(paths.segmenter_mean_predictions, mean_key):
         others = [it for it in items if it.study_id not in set(oof["study_id"])]
         device = resolve_device(sc.device)
-        models = load_models(cfg, paths, folds, device, "stage 02")
+        models = load_models(cfg, paths, folds, device)
         rows, slices = predict_studies(paths, others, models, sc, "fold_mean", device=device)
         save_table(paths.segmenter_mean_slices, _concat(slices))
         save_table(paths.segmenter_mean_predictions, pd.DataFrame(rows))
@@ -839,7 +822,7 @@ def _predict_test(cfg) -> dict:
     paths = Paths.from_config(cfg)
     device = resolve_device(sc.device)
     items = study_items(paths, splits=("test",))
-    models = load_models(cfg, paths, selected_folds(cfg), device, "stage 06 reads the models it trained")
+    models = load_models(cfg, paths, selected_folds(cfg, cfg.segment), device)
     rows, slices = predict_studies(paths, items, models, sc, "test_mean", device=device)
     vert = order_rows(pd.DataFrame(rows, columns=VERTEBRA_COLUMNS))
     save_table(paths.vertebrae, vert)
@@ -853,6 +836,6 @@ def _predict_test(cfg) -> dict:
         if len(vert)
         else 0.0,
         "in_order_share": round(float(order.mean()), 3) if len(order) else 0.0,
-        "folds": selected_folds(cfg),
+        "folds": selected_folds(cfg, cfg.segment),
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -8,6 +8,7 @@ import logging
 from omegaconf import DictConfig
 
 from spine.core.config import load_config, member_configs
+from spine.registry import get_task
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -39,3 +40,13 @@ def parse_member_args(description: str, argv=None) -> tuple[DictConfig, list[Dic
     setup_logging()
     cfg = load_config(args.config, args.overrides)
     return cfg, member_configs(cfg, args.overrides)
+
+
+def stage_runner(task_name: str, stage: str, script: str):
+    """The task's function for ``stage``; None, after saying so, when the task has nothing to do there
+    (the script then exits 0, so one config runs stages 01 to 06 in order for every task)."""
+    task = get_task(task_name)
+    if stage not in task.runners:
+        print(f"{script}: task {task.name!r} has nothing to do in this stage")
+        return None
+    return task.runner(stage)

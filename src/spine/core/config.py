@@ -76,7 +76,7 @@ def member_configs(cfg: DictConfig, overrides=()) -> list[DictConfig]:
         return [cfg]
     members = [load_config(_repo_path(m), overrides) for m in cfg.ensemble.members]
     for m in members:
-        for key in ("task", "data_dir", "localize", "crop"):
+        for key in ("task", "data_dir", "localize", "segment", "crop"):
             if m.get(key) != cfg.get(key):
                 raise ValueError(
                     f"ensemble member {m.exp!r} differs from {cfg.exp!r} in {key!r}: members must share "

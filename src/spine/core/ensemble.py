@@ -32,13 +32,13 @@ from scipy.special import softmax
 from spine.core.config import save_config
 from spine.core.io import save_table, save_text
 from spine.core.paths import Paths, require
+from spine.core.priors import oof_prior, prior_table
 from spine.core.report import format_scores
 from spine.core.task import EPS
+from spine.core.truth import add_bayes, bayes_frame
 from spine.registry import get_task
 
 log = logging.getLogger(__name__)
-
-PRIOR_PSEUDO_COUNT = 0.5  # per class, so that a class unseen in a key is not impossible
 
 
 # =============================================================================================
@@ -120,33 +120,6 @@ def score(task, rows: pd.DataFrame, q: np.ndarray) -> dict:
 def _log_loss(q: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     p = np.clip(q[np.arange(len(y)), y], EPS, 1.0)
     return float(-(w * np.log(p)).sum() / w.sum())
-
-
-# =============================================================================================
-# Prior
-# =============================================================================================
-
-
-def prior_table(rows: pd.DataFrame, k: int) -> dict[str, list[float]]:
-    """Per target key, class frequencies of the labelled rows (plus a pseudo count per class)."""
-    counts = rows.groupby("key")["y"].value_counts().unstack(fill_value=0)
-    counts = counts.reindex(columns=range(k), fill_value=0) + PRIOR_PSEUDO_COUNT
-    freq = counts.div(counts.sum(axis=1), axis=0)
-    return {key: freq.loc[key].tolist() for key in freq.index}
-
-
-def prior_probs(table: dict, keys, k: int) -> np.ndarray:
-    """Rows' prior probabilities; a key never seen in training gets the uniform distribution."""
-    return np.array([table.get(key, [1.0 / k] * k) for key in keys], dtype=np.float64)
-
-
-def oof_prior(rows: pd.DataFrame, k: int) -> np.ndarray:
-    """Prior-only baseline, out of fold: each fold's rows get the other folds' frequencies."""
-    out = np.zeros((len(rows), k))
-    for f in np.unique(rows["fold"]):
-        m = (rows["fold"] == f).to_numpy()
-        out[m] = prior_probs(prior_table(rows[~m], k), rows.loc[m, "key"], k)
-    return out
 
 
 # =============================================================================================
@@ -390,17 +363,6 @@ def _manifest(paths: Paths) -> pd.DataFrame | None:
     return pd.read_parquet(paths.crop_manifest) if paths.crop_manifest.exists() else None
 
 
-def _bayes(task, paths: Paths, rows: pd.DataFrame) -> np.ndarray | None:
-    f = paths.truth_dir / "labels.csv"
-    if not f.exists():
-        return None
-    truth = pd.read_csv(f, dtype={"study_id": str}).set_index("row_id")
-    cols = {c: f"bayes_{c}" for c in task.pred_columns}
-    return to_matrix(
-        task, truth.loc[rows["row_id"], list(cols.values())].rename(columns={v: k for k, v in cols.items()})
-    )
-
-
 def run_ensemble(cfg, members: list) -> dict:
     """Stage 05: score every candidate out of fold, save the best one's spec and the stacked OOF."""
     task = get_task(cfg.task)
@@ -424,6 +386,7 @@ def run_ensemble(cfg, members: list) -> dict:
     selected, picks = selected_predict(task, cands, rows, probs, feats)
     best = min(scores, key=lambda n: scores[n]["score"])
     final = cands[best]().fit(rows, probs, feats)
+    prior = oof_prior(rows["key"], rows["fold"], k, rows["key"], rows["y"], rows["fold"])  # out of fold
     report = {
         "exp": cfg.exp,
         "members": names,
@@ -433,13 +396,10 @@ def run_ensemble(cfg, members: list) -> dict:
         "selected": score(task, rows, selected),
         "selected_per_fold": picks,
         "chosen": best,
-        "prior": score(task, rows, oof_prior(rows, k)),
+        "prior": score(task, rows, prior),
     }
-    bayes = _bayes(task, paths, rows)
-    if bayes is not None:
-        report["bayes"] = score(task, rows, bayes)
-        gap = report["prior"]["score"] - report["bayes"]["score"]
-        report["signal_captured"] = (report["prior"]["score"] - report["selected"]["score"]) / gap
+    bayes = bayes_frame(paths, rows["row_id"], task.pred_columns)
+    add_bayes(report, None if bayes is None else score(task, rows, to_matrix(task, bayes)), model="selected")
     spec = {
         "task": task.name,
         "members": names,
@@ -447,7 +407,7 @@ def run_ensemble(cfg, members: list) -> dict:
         "stacker": type(final).__name__.lower(),
         "params": final.params(),
         "classes": k,
-        "prior": prior_table(rows, k),
+        "prior": prior_table(rows["key"], rows["y"], k),
         "feature_columns": list(feats.columns),
     }
     save_text(paths.ensemble_spec, json.dumps(spec, indent=1))

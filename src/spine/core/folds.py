@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 from sklearn.model_selection import StratifiedGroupKFold
 
-from spine.core.io import save_table
+from spine.core.io import fingerprint, save_table
 from spine.core.paths import Paths
 from spine.registry import get_task
 
@@ -48,3 +49,56 @@ def load_folds(cfg) -> pd.DataFrame:
     save_table(paths.folds, folds)
     log.info("wrote %s: %d studies in %d folds", paths.folds, len(folds), cfg.folds.n_folds)
     return folds
+
+
+# Config keys that change how a fold runs, never what it learns: which folds run, on which device, with
+# how many loader or pool workers and torch threads, pinned memory, mixed precision, per-epoch validation
+# logging and how finely inference is chunked. A fold made under other values of these is still current.
+RUN_ONLY_KEYS = frozenset(
+    {
+        "folds",
+        "device",
+        "loader_workers",
+        "num_workers",
+        "torch_threads",
+        "pin_memory",
+        "amp",
+        "validate_every_epoch",
+        "chunk_slices",
+        "overwrite",
+    }
+)
+
+
+def fold_key(section, *inputs) -> str:
+    """What a trained fold (its checkpoint and predictions) is made from: the stage's config ``section``
+    (a DictConfig or dict) less ``RUN_ONLY_KEYS``, and the ``inputs`` it reads (folds file text, seed,
+    cache or crop identity, ...). Two runs that differ only in run-only keys share the key, so running
+    folds one by one and then all together trains each fold once."""
+    if not isinstance(section, dict):
+        section = OmegaConf.to_container(section, resolve=True)
+    learned = {k: v for k, v in section.items() if k not in RUN_ONLY_KEYS}
+    return fingerprint(learned, *inputs)
+
+
+def selected_folds(cfg, section) -> list[int]:
+    """The folds a stage runs: ``fold=K`` (stage 04) wins, then ``<section>.folds``, else all."""
+    if cfg.get("fold") is not None:
+        return [int(cfg.fold)]
+    return list(section.folds) if section.get("folds") is not None else list(range(cfg.folds.n_folds))
+
+
+def fold_checkpoints(checkpoint_of, folds: list[int], stage: str, what: str) -> list[Path]:
+    """The expected checkpoint file of each fold, ``checkpoint_of(fold)`` (fold and seed in its name);
+    never a glob, which would pick up another seed's or an old fold's file. A missing one is an error
+    naming the file, the stage that makes it and the ``models_from`` way out."""
+    found = []
+    for fold in folds:
+        ckpt = Path(checkpoint_of(fold))
+        if not ckpt.exists():
+            raise FileNotFoundError(
+                f"{what} checkpoint {ckpt} is missing: run `python src/{stage}.py` with this config, or "
+                "point models_from= at the folder that holds models/"
+            )
+        found.append(ckpt)
+    return found

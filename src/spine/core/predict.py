@@ -26,6 +26,8 @@ from spine.core import ensemble
 from spine.core.io import save_table, save_text
 from spine.core.paths import Paths, require
 from spine.core.preprocess import run_preprocess
+from spine.core.priors import prior_probs
+from spine.core.truth import bayes_frame
 from spine.registry import get_task
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,6 @@ def work_config(cfg: DictConfig, paths: Paths) -> DictConfig:
     work.models_from = str(paths.model_root)
     work.preprocess.splits = ["test"]
     work.preprocess.limit = None
-    work.crop.points = "oof"  # the test split's points are stage 02's predictions
     return work
 
 
@@ -89,19 +90,16 @@ def finish(task, q: np.ndarray, sample: pd.DataFrame) -> pd.DataFrame:
 
 def test_scores(task, paths: Paths, sub: pd.DataFrame, prior: np.ndarray) -> dict | None:
     """On generated data: the submission, the prior and the Bayes optimum scored on the test truth."""
-    sol_file, labels_file = paths.truth_dir / "test_solution.csv", paths.truth_dir / "labels.csv"
+    sol_file = paths.truth_dir / "test_solution.csv"
     if not sol_file.exists():
         return None
     sol = pd.read_csv(sol_file)
     out = {"model": task.score(sol, sub)}
     prior_sub = pd.concat([sub[["row_id"]], ensemble.from_matrix(task, prior)], axis=1)
     out["prior"] = task.score(sol, prior_sub)
-    if labels_file.exists():
-        truth = pd.read_csv(labels_file).set_index("row_id")
-        bayes = truth.reindex(sub["row_id"])[[f"bayes_{c}" for c in task.pred_columns]]
-        bayes.columns = task.pred_columns
-        if bayes.notna().all().all():
-            out["bayes"] = task.score(sol, pd.concat([sub[["row_id"]], bayes.reset_index(drop=True)], axis=1))
+    bayes = bayes_frame(paths, sub["row_id"], task.pred_columns)
+    if bayes is not None:
+        out["bayes"] = task.score(sol, pd.concat([sub[["row_id"]], bayes], axis=1))
     return out
 
 
@@ -129,7 +127,7 @@ def run_predict(cfg: DictConfig, members: list[DictConfig]) -> dict:
     probs, reason = member_predictions(task, names, preds, row_ids)
     k = spec["classes"]
     keys = [task.prior_key(r) for r in row_ids]
-    prior = ensemble.prior_probs(spec["prior"], keys, k)
+    prior = prior_probs(spec["prior"], keys, k)
     ok = (reason == "").to_numpy()
     q = prior.copy()
     work_paths = Paths.from_config(work)

@@ -17,14 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset
 
-from spine.core.io import claim, mark_current, save_table
 from spine.core.paths import Paths, require
+from spine.core.priors import oof_prior
 from spine.core.train import dist
-from spine.core.train.loop import TrainSettings, autocast, fit, load_weights, reseed, resolve_device
-from spine.core.train.stage import fold_key, run_folds
+from spine.core.train.loop import autocast, load_weights, reseed, resolve_device
+from spine.core.train.stage import Family, make_loader, predict_checkpoints, run_folds
+from spine.core.truth import add_bayes, bayes_frame
 from spine.lumbar.models.classifier import build_classifier
 from spine.lumbar.task import CONDITIONS, GRADE_WEIGHTS, LEVELS, PRED_COLUMNS, condition_group
 from spine.registry import get_task
@@ -133,21 +133,6 @@ def _inputs(batch, device):
     )
 
 
-def make_loader(ds: Dataset, tc, shuffle: bool, device) -> DataLoader:
-    """A loader that keeps a GPU fed: worker processes, pinned memory, a DistributedSampler under DDP."""
-    sampler = DistributedSampler(ds, shuffle=shuffle) if dist.world_size() > 1 else None
-    return DataLoader(
-        ds,
-        batch_size=tc.batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=tc.loader_workers,
-        pin_memory=bool(tc.pin_memory) and device.type == "cuda",
-        persistent_workers=tc.loader_workers > 0,
-        drop_last=shuffle and len(ds) > tc.batch_size,
-    )
-
-
 @torch.no_grad()
 def predict(model, paths: Paths, rows: pd.DataFrame, tc, device) -> np.ndarray:
     """Grade probabilities (len(rows), 3), each rank predicting a shard under DDP, gathered on all ranks."""
@@ -184,45 +169,17 @@ def build_model(cfg) -> torch.nn.Module:
     return build_classifier(cfg.train, len(cfg.train.views), cfg.crop.n_slices, heads_spec())
 
 
-def train_fold(cfg, paths: Paths, rows: pd.DataFrame, fold_of: dict, fold: int, device) -> dict:
-    """Train one fold (or load its checkpoint) and write its out-of-fold predictions."""
-    tc = cfg.train
-    key = fold_key(cfg, paths)
+def split(rows: pd.DataFrame, fold_of: dict, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The labelled rows a fold trains on (the other folds') and those it predicts (its own)."""
     rows = rows.assign(fold=rows["study_id"].map(fold_of))
-    train = rows[(rows["fold"] != fold) & (rows["grade"] >= 0)]
-    held = rows[rows["fold"] == fold]
-    val = held[held["grade"] >= 0]
-    ckpt = paths.checkpoint(fold, cfg.seed)
-    if dist.is_main():
-        claim(ckpt, key)
-    dist.barrier()
-    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
-    model = build_model(cfg)
-    history = []
-    if ckpt.exists():
-        model = load_weights(model, ckpt, device)
-    else:
-        loader = make_loader(CropDataset(paths, train, tc.views, augment=True), tc, True, device)
+    labelled = rows[rows["grade"] >= 0]
+    return labelled[labelled["fold"] != fold], labelled[labelled["fold"] == fold]
 
-        def validate(m):  # the official metric on the fold's held-out rows
-            return score_rows(val, predict(m, paths, val, tc, device))["score"]
 
-        use_val = tc.select == "best" or tc.patience is not None or tc.validate_every_epoch
-        model, history = fit(
-            model,
-            loader,
-            RowLoss(tc.aux_binary),
-            TrainSettings.from_config(cfg.train, cfg.seed + fold),
-            ckpt,
-            device,
-            f"fold {fold}",
-            validate=validate if use_val else None,
-        )
-    probs = predict(model, paths, val, tc, device)
-    if dist.is_main():
-        save_table(paths.oof_fold(fold), submission_frame(val, probs, fold=fold, seed=cfg.seed))
-        mark_current(paths.oof_fold(fold), key)
-    return {"fold": fold, "history": history}
+def predict_frame(model, paths: Paths, held: pd.DataFrame, train, cfg, device, fold: int) -> pd.DataFrame:
+    """The held-out rows' predictions in OOF format (submission columns, ids, fold and seed)."""
+    probs = predict(model, paths, held, cfg.train, device)
+    return submission_frame(held, probs, fold=fold, seed=cfg.seed)
 
 
 def score_rows(rows: pd.DataFrame, probs: np.ndarray) -> dict:
@@ -235,31 +192,28 @@ def score_rows(rows: pd.DataFrame, probs: np.ndarray) -> dict:
     return task.score(sol, sub)
 
 
-def prior_probs(rows: pd.DataFrame, fold_of: dict, train: pd.DataFrame) -> np.ndarray:
-    """Prior-only baseline, out-of-fold: each row of ``rows`` gets its (condition, level)'s grade
-    frequencies among the labelled ``train`` rows of the other folds (with a pseudo count of 0.5 per
-    grade, so an unseen grade is not impossible)."""
-    folds = rows["study_id"].map(fold_of).to_numpy()
-    train_folds = train["study_id"].map(fold_of)
-    out = np.zeros((len(rows), 3))
-    for fold in np.unique(folds):
-        other = train[(train_folds != fold) & (train["grade"] >= 0)]
-        counts = other.groupby(["condition", "level"])["grade"].value_counts().unstack(fill_value=0)
-        counts = counts.reindex(columns=[0, 1, 2], fill_value=0) + 0.5
-        freq = counts.div(counts.sum(axis=1), axis=0)
-        m = folds == fold
-        keys = pd.MultiIndex.from_frame(rows.loc[m, ["condition", "level"]])
-        out[m] = freq.reindex(keys).fillna(1 / 3).to_numpy()
-    return out
+def score_frame(frame: pd.DataFrame, rows: pd.DataFrame) -> dict:
+    """Official lumbar metric of a frame (row_id + PRED_COLUMNS) of labelled rows of ``rows``."""
+    lab = rows.set_index("row_id").loc[frame["row_id"]].reset_index()
+    return score_rows(lab, frame[PRED_COLUMNS].to_numpy())
 
 
-def bayes_probs(paths: Paths, rows: pd.DataFrame) -> np.ndarray | None:
-    """The generator's Bayes-optimal probabilities of these rows, when its truth folder exists."""
-    f = paths.truth_dir / "labels.csv"
-    if not f.exists():
-        return None
-    truth = pd.read_csv(f).set_index("row_id")
-    return truth.loc[rows["row_id"], [f"bayes_{c}" for c in PRED_COLUMNS]].to_numpy()
+def prior_keys(rows: pd.DataFrame) -> pd.Series:
+    """Each row's target without its study (the task's prior key): '<condition>_<level>'."""
+    return rows["condition"] + "_" + rows["level"]
+
+
+def prior_baseline(rows: pd.DataFrame, fold_of: dict, train: pd.DataFrame) -> np.ndarray:
+    """Prior-only baseline, out of fold: each row of ``rows`` gets its (condition, level)'s grade
+    prior (``spine.core.priors``) among the labelled ``train`` rows of the other folds."""
+    return oof_prior(
+        prior_keys(rows),
+        rows["study_id"].map(fold_of),
+        len(PRED_COLUMNS),
+        prior_keys(train),
+        train["grade"],
+        train["study_id"].map(fold_of),
+    )
 
 
 def oof_report(paths: Paths, oof: pd.DataFrame, rows: pd.DataFrame, fold_of: dict) -> dict:
@@ -268,20 +222,28 @@ def oof_report(paths: Paths, oof: pd.DataFrame, rows: pd.DataFrame, fold_of: dic
     report = {
         "rows": len(oof),
         "studies": int(oof["study_id"].nunique()),
-        "model": score_rows(lab, oof[PRED_COLUMNS].to_numpy()),
-        "prior": score_rows(lab, prior_probs(lab, fold_of, rows)),
+        "model": score_frame(oof, rows),
+        "prior": score_rows(lab, prior_baseline(lab, fold_of, rows)),
     }
-    bayes = bayes_probs(paths, lab)
-    if bayes is not None:
-        report["bayes"] = score_rows(lab, bayes)
-        gap = report["prior"]["score"] - report["bayes"]["score"]
-        report["signal_captured"] = (report["prior"]["score"] - report["model"]["score"]) / gap
-    return report
+    bayes = bayes_frame(paths, lab["row_id"], PRED_COLUMNS)
+    return add_bayes(report, None if bayes is None else score_rows(lab, bayes.to_numpy()))
+
+
+FAMILY = Family(
+    load_items=lambda paths, cfg: train_rows(paths),
+    split=split,
+    build_model=build_model,
+    dataset=lambda paths, rows, cfg, augment: CropDataset(paths, rows, cfg.train.views, augment),
+    loss=lambda cfg: RowLoss(cfg.train.aux_binary),
+    predict_frame=predict_frame,
+    score=score_frame,
+    oof_report=oof_report,
+)
 
 
 def run_train(cfg) -> dict:
     """Stage 04: train the folds of ``fold`` / ``train.folds`` (default all); write oof.csv and a report."""
-    return run_folds(cfg, lambda paths, _: train_rows(paths), train_fold, oof_report)
+    return run_folds(cfg, FAMILY)
 
 
 def predict_test(cfg) -> pd.DataFrame:
@@ -302,18 +264,12 @@ def predict_test(cfg) -> pd.DataFrame:
         m = rows[f"{v}_missing"].to_numpy(bool)
         reason[m & ~missing] = [f"{v}: {r}" for r in rows.loc[m & ~missing, f"{v}_reason"]]
         missing |= m
-    folds = list(tc.folds) if tc.folds is not None else list(range(cfg.folds.n_folds))
+    ckpts = predict_checkpoints(cfg, paths)
     probs = np.zeros((len(rows), 3))
     ok = rows[~missing]
-    for fold in folds:
-        ckpt = paths.checkpoint(fold, cfg.seed)
-        if not ckpt.exists():
-            raise FileNotFoundError(
-                f"checkpoint {ckpt} is missing: run src/04_train.py for experiment {cfg.exp!r}, or point "
-                "models_from= at the folder that holds models/"
-            )
+    for ckpt in ckpts:
         model = load_weights(build_model(cfg), ckpt, device)
         if len(ok):
-            probs[~missing] += predict(model, paths, ok, tc, device) / len(folds)
+            probs[~missing] += predict(model, paths, ok, tc, device) / len(ckpts)
     probs[missing] = np.nan
     return submission_frame(rows, probs, reason=reason)

@@ -10,9 +10,9 @@ stack's own row/column spacing, so a crop has the same physical size whatever th
   series (tilted blocks are separate stacks with their own orientation) the slice whose plane is
   nearest the point, preferring planes whose in-plane projection falls inside the image.
 
-Crops are laid out in one orientation whatever the stored IOP (``canonical_axes``: axial with patient
-left to the right and posterior down, sagittal with posterior to the right and inferior down). Each
-crop stack is divided by its source stack's 99.5th percentile and stored as float16.
+Crops are laid out in one orientation whatever the stored IOP (``spine.core.crops.canonical_axes``:
+axial with patient left to the right and posterior down, sagittal with posterior to the right and
+inferior down). Each crop stack is divided by its source stack's 99.5th percentile and stored as float16.
 
 Points come from stage 02 (``paths.points``); with ``crop.points=label`` train studies use
 ``train_label_coordinates.csv`` instead. Subarticular rows have no point of their own: the recess is the
@@ -31,21 +31,25 @@ the merged ``paths.crop_manifest`` and ``paths.crop_report``.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from spine.core import geometry
-from spine.core.config import save_config
-from spine.core.io import fingerprint, save_npy, save_table, save_text
-from spine.core.parallel import resolve_workers, worker_pool
+from spine.core.crops import (
+    CropHooks,
+    CropSettings,
+    canonical_axes,  # noqa: F401 (re-exported with the rest of the crop geometry)
+    crop_box,
+    crop_slice,
+    quantiles,
+    run_crop_stage,
+    write_study_manifest,
+)
+from spine.core.io import fingerprint, save_npy
 from spine.core.paths import Paths
 from spine.core.stacks import IOP_COLS, StackGeometry
 from spine.lumbar.points import POINT_COLUMNS, label_points
@@ -59,6 +63,7 @@ SPINAL = "spinal_canal_stenosis"
 POINT_SOURCES = ("oof", "label")
 PERCENTILE = 99.5  # robust intensity scale of a stack: bright CSF/fat, not a single hot pixel
 TRUTH_WITHIN_MM = 3.0
+QUANTILES = ((0.5, 0.9, 0.99), 3, "mean")  # report quantiles: qs, digits, first statistic
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ ANCHORS = sorted({r.anchor for r in ROIS.values()})
 
 
 @dataclass(frozen=True)
-class CropSpec:
+class CropSpec(CropSettings):
     """The crop settings of one run (``crop.*``)."""
 
     size_mm: float
@@ -94,13 +99,10 @@ class CropSpec:
     n_slices: int
     recess_offset_mm: float
 
-    @classmethod
-    def from_config(cls, cfg) -> CropSpec:
-        c = cfg.crop
-        spec = cls(float(c.size_mm), int(c.pixels), int(c.n_slices), float(c.recess_offset_mm))
-        if spec.n_slices < 1 or spec.n_slices % 2 == 0:
-            raise ValueError(f"crop.n_slices must be odd and >= 1 (a centre slice), got {spec.n_slices}")
-        return spec
+    def check(self) -> None:
+        """An odd number of slices: a centre slice and as many on each side."""
+        if self.n_slices < 1 or self.n_slices % 2 == 0:
+            raise ValueError(f"crop.n_slices must be odd and >= 1 (a centre slice), got {self.n_slices}")
 
 
 # =============================================================================================
@@ -165,67 +167,6 @@ def slice_window(centre: int, n_slices: int, n_total: int) -> tuple[list[int], i
     return used.tolist(), int((used != wanted).sum())
 
 
-# Canonical direction of each patient axis in a crop: +x (patient left) and +y (posterior) grow to the
-# right/down, z grows downwards as -z (inferior), as the usual axial (1,0,0,0,1,0) and sagittal
-# (0,1,0,0,0,-1) orientations show them.
-CANONICAL_SIGN = np.array([1.0, 1.0, -1.0])
-
-
-def canonical_axes(iop) -> tuple[bool, float, float]:
-    """How a slice's pixel axes map onto the canonical crop axes: (transposed, col sign, row sign).
-
-    The crop's columns follow the first of the plane's two patient axes in (x, y, z) order, its rows
-    the second, each pointing the canonical way; so a series stored mirrored or transposed (another
-    IOP) gives the same crop as the usual one. ``transposed``: source rows run along crop columns.
-    """
-    iop = np.asarray(iop, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:6]  # directions in which source columns / rows grow
-    a_col, a_row = int(np.argmax(np.abs(row_dir))), int(np.argmax(np.abs(col_dir)))
-    if a_col == a_row:  # a plane at 45 degrees: no dominant axis each, keep the stored orientation
-        return False, 1.0, 1.0
-    col_sign = float(np.sign(row_dir[a_col]) * CANONICAL_SIGN[a_col])
-    row_sign = float(np.sign(col_dir[a_row]) * CANONICAL_SIGN[a_row])
-    return a_row < a_col, col_sign, row_sign
-
-
-def crop_matrix(row: float, col: float, spacing, size_mm: float, pixels: int, iop=None) -> np.ndarray:
-    """2x3 affine from crop pixel (x=j, y=i) to source pixel (x=col, y=row).
-
-    Crop pixel centres sit every ``size_mm / pixels`` mm, symmetric about (row, col), so the crop's
-    centre (pixels-1)/2 lands exactly on the point and its edges span ``size_mm``. With ``iop`` the crop
-    is laid out in the canonical orientation (``canonical_axes``), else in the stored one.
-    """
-    step = size_mm / pixels
-    half = (pixels - 1) / 2.0
-    transposed, col_sign, row_sign = canonical_axes(iop) if iop is not None else (False, 1.0, 1.0)
-    dc = col_sign * step / float(spacing[1])  # source columns per crop step
-    dr = row_sign * step / float(spacing[0])  # source rows per crop step
-    if transposed:
-        return np.array([[0.0, dc, col - half * dc], [dr, 0.0, row - half * dr]])
-    return np.array([[dc, 0.0, col - half * dc], [0.0, dr, row - half * dr]])
-
-
-def crop_box(row: float, col: float, spacing, size_mm: float) -> tuple[float, float, float, float]:
-    """(row0, col0, row1, col1): the crop's edges in source pixels."""
-    hr, hc = size_mm / 2.0 / float(spacing[0]), size_mm / 2.0 / float(spacing[1])
-    return row - hr, col - hc, row + hr, col + hc
-
-
-def crop_slice(
-    image: np.ndarray, row: float, col: float, spacing, size_mm: float, pixels: int, iop=None
-) -> np.ndarray:
-    """Bilinear ``pixels``² crop of ``size_mm``² mm centred on (row, col); zeros outside the image."""
-    m = crop_matrix(row, col, spacing, size_mm, pixels, iop)
-    return cv2.warpAffine(
-        np.ascontiguousarray(image, dtype=np.float32),
-        m,
-        (pixels, pixels),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0.0,
-    )
-
-
 def crop_stack(
     volume: np.ndarray, slices: list[int], row: float, col: float, spacing, spec: CropSpec, iop=None
 ):
@@ -251,7 +192,8 @@ def load_points(cfg, paths: Paths, inst: pd.DataFrame) -> pd.DataFrame:
 
     ``crop.points=oof``: stage 02's table (required). ``crop.points=label``: train studies from
     ``train_label_coordinates.csv``; a train row without a label, and every test study, from stage 02's
-    table when it exists (else those rows have no point and their crops are flagged missing).
+    table when it exists (else those rows have no point and their crops are flagged missing). Stage 06
+    (test split only) thus always crops at stage 02's points.
     """
     mode = str(cfg.crop.points)
     if mode not in POINT_SOURCES:
@@ -266,7 +208,7 @@ def load_points(cfg, paths: Paths, inst: pd.DataFrame) -> pd.DataFrame:
         log.warning("no stage 02 points at %s: test rows get no point (flagged missing)", paths.points)
         predicted = pd.DataFrame(columns=POINT_COLUMNS)
     tables = [predicted]
-    if mode == "label":
+    if mode == "label" and "train" in cfg.preprocess.splits:  # labels exist for train studies only
         labels = label_points(paths.data_dir, inst)
         # labels first: a train row's label wins over stage 02's point for it
         tables = [labels, predicted[predicted["split"] != "train"], predicted[predicted["split"] == "train"]]
@@ -457,8 +399,7 @@ def crop_study(job: StudyJob, paths: Paths, spec: CropSpec, task_name: str) -> l
         rows.append(base | {f"{v}_{k}": val for v, fields in views.items() for k, val in fields.items()})
     for v in VIEWS:
         save_npy(paths.crop_array(job.split, job.study_id, v), arrays[v])
-    manifest = {"fingerprint": job.fingerprint, "rows": rows}
-    save_text(paths.crop_study_manifest(job.split, job.study_id), json.dumps(manifest, default=_plain))
+    write_study_manifest(paths, job.split, job.study_id, job.fingerprint, rows)
     return rows
 
 
@@ -480,11 +421,6 @@ def _crop_row(anchor, roi: Roi, refs, spec: CropSpec, volumes: _Volumes, arrays:
     return out
 
 
-def _plain(value):
-    """JSON fallback for numpy scalars."""
-    return value.item()
-
-
 # =============================================================================================
 # The stage
 # =============================================================================================
@@ -495,11 +431,6 @@ def _work(args) -> int:
     job, paths, spec, task_name = args
     rows = crop_study(job, paths, spec, task_name)
     return sum(not r[f"{v}_missing"] for r in rows for v in VIEWS)
-
-
-def _is_done(paths: Paths, split: str, study_id, fingerprint: str) -> bool:
-    path = paths.crop_study_manifest(split, study_id)
-    return path.exists() and json.loads(path.read_text()).get("fingerprint") == fingerprint
 
 
 def build_jobs(studies: pd.DataFrame, series: pd.DataFrame, inst: pd.DataFrame, points: pd.DataFrame, spec):
@@ -529,61 +460,31 @@ def build_jobs(studies: pd.DataFrame, series: pd.DataFrame, inst: pd.DataFrame, 
 def run_crops(cfg) -> dict:
     """Stage 03 over every study of ``cfg.preprocess.splits``. Returns the run summary."""
     task = get_task(cfg.task)
-    if task.name != "lumbar":
-        raise NotImplementedError(f"stage 03 crops are defined for lumbar rows only, not {task.name!r}")
     paths = Paths.from_config(cfg)
     spec = CropSpec.from_config(cfg)
     series, inst = pd.read_parquet(paths.series_table), pd.read_parquet(paths.instance_table)
     points = load_points(cfg, paths, inst)
     studies = list_studies(task, paths.data_dir, cfg.preprocess.splits)
     jobs = build_jobs(studies, series, inst, points, spec)
-    overwrite = bool(cfg.crop.get("overwrite", False))
-    todo = [j for j in jobs if overwrite or not _is_done(paths, j.split, j.study_id, j.fingerprint)]
-    workers = resolve_workers(cfg.num_workers)
-    log.info("stage 03: %d studies (%d to crop) with %d workers", len(jobs), len(todo), workers)
-    t0, n_crops = time.perf_counter(), 0
-    bar = tqdm(total=len(todo), desc="crop", unit="study")
-    with worker_pool(workers, len(todo)) as pool:
-        for n in pool(_work, [(j, paths, spec, task.name) for j in todo]):
-            n_crops += n
-            bar.update()
-            bar.set_postfix(crops=n_crops)
-    bar.close()
-    seconds = time.perf_counter() - t0
-    manifest = merge_manifests(paths, studies)
-    truth = _truth_points(paths)
-    report = crop_report(manifest, inst, truth)
-    save_text(paths.crop_report, json.dumps(report, indent=2))
-    save_config(cfg, paths.crop_dir)
-    return {
-        "studies": len(jobs),
-        "studies_cropped": len(todo),
-        "studies_skipped_done": len(jobs) - len(todo),
-        "rows": len(manifest),
-        "crops_made": n_crops,
-        **{f"{v}_missing": int(manifest[f"{v}_missing"].sum()) for v in VIEWS},
-        **_headline(report),
-        "seconds": round(seconds, 2),
-        "studies_per_s": round(len(todo) / seconds, 1) if seconds > 0 else 0.0,
-        "crop_dir": str(paths.crop_dir),
-    }
+    report = lambda manifest: crop_report(manifest, inst, _truth_points(paths))
+    hooks = CropHooks(_work, (paths, spec, task.name), VIEWS, VIEW_COLUMNS, tidy_manifest, report, _summary)
+    return run_crop_stage(cfg, paths, studies, jobs, hooks)
 
 
-def merge_manifests(paths: Paths, studies: pd.DataFrame) -> pd.DataFrame:
-    """Concatenate the per-study manifests into ``paths.crop_manifest`` (study order, row order)."""
-    rows = []
-    for split, study_id in studies.itertuples(index=False):
-        rows += json.loads(paths.crop_study_manifest(split, study_id).read_text())["rows"]
-    df = pd.DataFrame(rows)
-    # every column even when no row of the run has a view (all missing)
-    df = df.reindex(columns=[*df.columns, *(c for c in VIEW_COLUMNS if c not in df.columns)])
-    for v in VIEWS:  # NaN on missing views: keep ints
+def tidy_manifest(df: pd.DataFrame) -> pd.DataFrame:
+    """The merged manifest's dtypes: nullable ints and bools where a missing view has NaN, lists of slices."""
+    for v in VIEWS:
         for col in ("series_id", "stack", "index", "clamped"):
             df[f"{v}_{col}"] = df[f"{v}_{col}"].astype("Int64")
         df[f"{v}_inside"] = df[f"{v}_inside"].astype("boolean")
         df[f"{v}_slices"] = [s if isinstance(s, list) else [] for s in df[f"{v}_slices"]]
-    save_table(paths.crop_manifest, df)
     return df
+
+
+def _summary(manifest: pd.DataFrame, report: dict, crops_made: int) -> dict:
+    """The lumbar keys of the run summary: crops made, missing views, the report's headline."""
+    missing = {f"{v}_missing": int(manifest[f"{v}_missing"].sum()) for v in VIEWS}
+    return {"crops_made": crops_made, **missing, **_headline(report)}
 
 
 # =============================================================================================
@@ -613,15 +514,6 @@ def truth_plane_distance(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.D
     return pd.Series(out, dtype=float)
 
 
-def _quantiles(values: pd.Series) -> dict:
-    v = pd.to_numeric(values, errors="coerce").dropna()
-    if v.empty:
-        return {"n": 0}
-    q = v.quantile([0.5, 0.9, 0.99]).round(3).tolist()
-    return {"n": len(v), "mean": round(float(v.mean()), 3), "p50": q[0], "p90": q[1], "p99": q[2],
-            "max": round(float(v.max()), 3)}  # fmt: skip
-
-
 def crop_report(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.DataFrame | None) -> dict:
     """Per split: missing views (and why), distances to the chosen planes, and on generated data the
     share of spinal rows whose chosen axial plane lies within 3 mm of the true canal point."""
@@ -633,12 +525,12 @@ def crop_report(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.DataFrame 
             reasons = m.loc[m[f"{v}_missing"], f"{v}_reason"].value_counts()
             part[f"{v}_missing"] = int(m[f"{v}_missing"].sum())
             part[f"{v}_missing_reasons"] = {k: int(n) for k, n in reasons.items()}
-            part[f"{v}_plane_mm"] = _quantiles(m.loc[~m[f"{v}_missing"], f"{v}_plane_mm"])
+            part[f"{v}_plane_mm"] = quantiles(m.loc[~m[f"{v}_missing"], f"{v}_plane_mm"], *QUANTILES)
             part[f"{v}_outside_image"] = int((m[f"{v}_inside"] == False).sum())  # noqa: E712 (nullable)
             part[f"{v}_clamped_slices"] = int(m[f"{v}_clamped"].fillna(0).sum())
         if truth_d is not None:
             d = truth_d[truth_d.index.isin(m["row_id"])]
-            part["ax_truth_plane_mm"] = _quantiles(d)
+            part["ax_truth_plane_mm"] = quantiles(d, *QUANTILES)
             part["ax_within_3mm_share"] = round(float((d <= TRUTH_WITHIN_MM).mean()), 4) if len(d) else None
         report[split] = part
     return report

@@ -20,15 +20,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from spine.core.config import save_config
-from spine.core.folds import load_folds
-from spine.core.io import claim, fingerprint, is_current, mark_current, save_table, save_text
+from spine.core.folds import fold_checkpoints, fold_key, load_folds, selected_folds
+from spine.core.io import is_current, mark_current, save_table, save_text
 from spine.core.paths import Paths, require
 from spine.core.stacks import stack_geometries
 from spine.core.train.loop import TrainSettings, autocast, fit, load_weights, reseed, resolve_device
+from spine.core.train.stage import fold_model
 from spine.lumbar.models.heatmap import SliceHeatmapNet, decode_peaks, heatmap_loss
 from spine.lumbar.points import POINT_COLUMNS, label_points
 from spine.lumbar.task import LEVELS, LOCALIZER_TARGETS
@@ -242,20 +242,16 @@ def predict_items(model, paths: Paths, items: list[StackItem], size: int, device
     return out
 
 
-def fold_key(cfg, paths: Paths) -> str:
-    """What a fold's model and predictions are made from: the folds, the stage's config, the cache."""
-    return fingerprint(
-        paths.folds.read_text(),
-        OmegaConf.to_container(cfg.localize),
-        cfg.seed,
-        paths.cache_source.read_text(),
-    )
+def localizer_key(cfg, paths: Paths) -> str:
+    """What a fold's model and predictions are made from: the folds, the stage's config (less run-only
+    keys such as ``localize.folds``), the seed and the cache."""
+    return fold_key(cfg.localize, paths.folds.read_text(), cfg.seed, paths.cache_source.read_text())
 
 
 def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: int) -> None:
     """Train one fold's model and write its predictions (held-out train studies + all test studies)."""
     lc = cfg.localize
-    key = fold_key(cfg, paths)
+    key = localizer_key(cfg, paths)
     device = resolve_device(lc.device)
     train = [
         it
@@ -263,12 +259,8 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
         if it.split == "train" and fold_of.get(it.study_id) != fold and not np.isnan(it.targets).all()
     ]
     ckpt = paths.localizer_checkpoint(MODEL_NAME, fold, cfg.seed)
-    claim(ckpt, key)
-    torch.manual_seed(cfg.seed + fold)  # the same initial weights every run
-    model = build_model(lc)
-    if ckpt.exists():
-        model = load_weights(model, ckpt, device)
-    else:
+
+    def fit_fold(model):
         loader = DataLoader(
             StackDataset(paths, train, lc.image_size, lc.heatmap_stride, augment=True),
             batch_size=None,
@@ -277,7 +269,9 @@ def train_fold(cfg, paths: Paths, items: list[StackItem], fold_of: dict, fold: i
             persistent_workers=lc.loader_workers > 0,
         )
         settings = TrainSettings.from_config(lc, cfg.seed + fold, accumulate=lc.batch_studies)
-        model, _ = fit(model, loader, HeatmapLoss(lc.heatmap_sigma), settings, ckpt, device, f"fold {fold}")
+        return fit(model, loader, HeatmapLoss(lc.heatmap_sigma), settings, ckpt, device, f"fold {fold}")
+
+    model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(lc), fit_fold, device)
     targets = [it for it in items if it.split == "test" or fold_of.get(it.study_id) == fold]
     rows = prediction_rows(targets, predict_items(model, paths, targets, lc.image_size, device, lc.amp), fold)
     save_table(paths.localizer_predictions(MODEL_NAME, fold), pd.DataFrame(rows))
@@ -414,11 +408,11 @@ def run_localize(cfg) -> dict:
     paths = Paths.from_config(cfg)
     folds_df = load_folds(cfg)
     fold_of = dict(zip(folds_df["study_id"], folds_df["fold"]))
-    folds = list(cfg.localize.folds) if cfg.localize.folds is not None else list(range(cfg.folds.n_folds))
+    folds = selected_folds(cfg, cfg.localize)
     labels = label_points(paths.data_dir, pd.read_parquet(require(paths.instance_table, "01_preprocess")))
     items = [it for d in LOCALIZER_TARGETS for it in stack_items(paths, d, labels)]
     for fold in folds:
-        if is_current(paths.localizer_predictions(MODEL_NAME, fold), fold_key(cfg, paths)):
+        if is_current(paths.localizer_predictions(MODEL_NAME, fold), localizer_key(cfg, paths)):
             log.info("fold %d: predictions exist, skipped", fold)
             continue
         train_fold(cfg, paths, items, fold_of, fold)
@@ -458,15 +452,12 @@ def predict_test(cfg) -> dict:
     device = resolve_device(lc.device)
     require(paths.instance_table, "01_preprocess")
     items = [it for d in LOCALIZER_TARGETS for it in stack_items(paths, d, None) if it.split == "test"]
-    folds = list(lc.folds) if lc.folds is not None else list(range(cfg.folds.n_folds))
+    folds = selected_folds(cfg, lc)
     rows = []
-    for fold in folds:
-        ckpt = paths.localizer_checkpoint(MODEL_NAME, fold, cfg.seed)
-        if not ckpt.exists():
-            raise FileNotFoundError(
-                f"localizer checkpoint {ckpt} is missing: run src/02_localize.py with this config, or point "
-                "models_from= at the folder that holds models/"
-            )
+    ckpts = fold_checkpoints(
+        lambda f: paths.localizer_checkpoint(MODEL_NAME, f, cfg.seed), folds, "02_localize", "localizer"
+    )
+    for fold, ckpt in zip(folds, ckpts):
         model = load_weights(build_model(lc), ckpt, device)
         preds = predict_items(model, paths, items, lc.image_size, device, lc.amp)
         rows += prediction_rows(items, preds, fold)

@@ -31,6 +31,8 @@ POINT_COLUMNS = [
     "source",
     "fold",
 ]
+
+
 def label_points(data_dir: Path, inst: pd.DataFrame) -> pd.DataFrame:
     """train_label_coordinates.csv as a points table (source 'label'), placed through the cache.
 
