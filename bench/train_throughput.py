@@ -16,7 +16,8 @@ from spine.core.config import load_config
 from spine.core.paths import Paths
 from spine.core.train.dist import device_for_rank
 from spine.core.train.loop import TrainSettings, autocast
-from spine.lumbar.classify import CropDataset, RowLoss, build_model, make_loader, train_rows
+from spine.core.train.stage import make_loader
+from spine.lumbar.classify import CropDataset, RowLoss, build_model, train_rows
 
 CONTENDERS = {
     "2.5D resnet10t, slices as channels": ["train.model=cnn25d", "train.backbone=resnet10t"],

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spine.core import crops as core_crops
 from spine.core import geometry
 from spine.core.config import REPO_ROOT, load_config
 from spine.core.io import save_table
@@ -160,11 +161,11 @@ def test_crop_maps_millimetres_exactly_with_anisotropic_pixels():
     size, px, r0, c0 = 30.0, 64, 101.3, 47.6
     step = size / px
     expect = (np.arange(px) - (px - 1) / 2) * step
-    got_r = crops.crop_slice(row_mm, r0, c0, (dr, dc), size, px)
-    got_c = crops.crop_slice(col_mm, r0, c0, (dr, dc), size, px)
+    got_r = core_crops.crop_slice(row_mm, r0, c0, (dr, dc), size, px)
+    got_c = core_crops.crop_slice(col_mm, r0, c0, (dr, dc), size, px)
     assert np.allclose(got_r[:, 10], r0 * dr + expect, atol=0.02)
     assert np.allclose(got_c[10, :], c0 * dc + expect, atol=0.05)
-    row0, col0, row1, col1 = crops.crop_box(r0, c0, (dr, dc), size)
+    row0, col0, row1, col1 = core_crops.crop_box(r0, c0, (dr, dc), size)
     assert ((row1 - row0) * dr, (col1 - col0) * dc) == pytest.approx((size, size))
 
 
@@ -173,13 +174,13 @@ def test_mirrored_and_transposed_slices_give_the_canonical_crop():
     rng = np.random.default_rng(0)
     image = rng.random((70, 90)).astype(np.float32)
     r, c, spacing, size, px = 30.0, 41.0, (0.8, 0.6), 24.0, 31
-    usual = crops.crop_slice(image, r, c, spacing, size, px, iop=AX_IOP)
-    assert np.array_equal(usual, crops.crop_slice(image, r, c, spacing, size, px))  # already canonical
-    mirrored = crops.crop_slice(image[:, ::-1], r, 89 - c, spacing, size, px, iop=[-1, 0, 0, 0, 1, 0])
-    transposed = crops.crop_slice(image.T, c, r, spacing[::-1], size, px, iop=[0, 1, 0, 1, 0, 0])
+    usual = core_crops.crop_slice(image, r, c, spacing, size, px, iop=AX_IOP)
+    assert np.array_equal(usual, core_crops.crop_slice(image, r, c, spacing, size, px))  # already canonical
+    mirrored = core_crops.crop_slice(image[:, ::-1], r, 89 - c, spacing, size, px, iop=[-1, 0, 0, 0, 1, 0])
+    transposed = core_crops.crop_slice(image.T, c, r, spacing[::-1], size, px, iop=[0, 1, 0, 1, 0, 0])
     assert np.allclose(mirrored, usual, atol=1e-2) and np.allclose(transposed, usual, atol=1e-2)
-    assert crops.canonical_axes(SAG_IOP) == (False, 1.0, 1.0)
-    assert crops.canonical_axes([0, -1, 0, 0, 0, 1]) == (False, -1.0, -1.0)  # sagittal upside down
+    assert core_crops.canonical_axes(SAG_IOP) == (False, 1.0, 1.0)
+    assert core_crops.canonical_axes([0, -1, 0, 0, 0, 1]) == (False, -1.0, -1.0)  # sagittal upside down
 
 
 def test_intensity_scale_is_a_robust_percentile():

@@ -42,7 +42,6 @@ from spine.core import geometry
 from spine.core.crops import (
     CropHooks,
     CropSettings,
-    canonical_axes,  # noqa: F401 (re-exported with the rest of the crop geometry)
     crop_box,
     crop_slice,
     quantiles,
