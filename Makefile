@@ -35,7 +35,7 @@ demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,demo_3d,ensemble_demo}/,"
 	@echo "submissions/<task>_demo.csv (+ .report.json). Larger data and longer training: make demo-full."
 
-demo-full: $(STAMP)  # the same chain with more studies and epochs (about half an hour on 2 CPU cores)
+demo-full: $(STAMP)  # the same chain with more studies, folds and epochs (about 45 minutes on 2 CPU cores)
 	$(call chain,configs/lumbar/demo_full.yaml)
 	$(call chain,configs/cervical/demo_full.yaml)
 	$(PY) src/demo_summary.py --config configs/lumbar/demo_full.yaml --config configs/cervical/demo_full.yaml
