@@ -1,7 +1,6 @@
 """The cervical chain end to end on a tiny generated set, through the stage scripts 01 to 06 with one
 config (two members: 2.5D + GRU and 3D), as the README runs it."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -9,7 +8,6 @@ import pandas as pd
 import pytest
 
 from spine.cervical.task import TARGETS
-from spine.core.config import REPO_ROOT
 from spine.core.synth import generate
 from spine.registry import get_task
 
@@ -30,22 +28,15 @@ TINY = [
 ]
 
 
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "src" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, stage_script):
     """9 train studies (3 with a mask) + 3 test studies (the generator drops one) through 01 to 06."""
     root = tmp_path_factory.mktemp("cervical_e2e")
     generate("cervical", root / "data", 9, 3, seed=5, image_size=48, n_slices=40)
     args = ["--config", CONFIG, f"data_dir={root / 'data'}", f"out_dir={root / 'out'}", *TINY]
-    reports = {s: _stage(s).main(args) for s in ("01_preprocess", "02_localize", "03_crop", "04_train")}
-    reports["05_ensemble"] = _stage("05_ensemble").main(args)
-    reports["06_predict"] = _stage("06_predict").main(args)
+    reports = {s: stage_script(s).main(args) for s in ("01_preprocess", "02_localize", "03_crop", "04_train")}
+    reports["05_ensemble"] = stage_script("05_ensemble").main(args)
+    reports["06_predict"] = stage_script("06_predict").main(args)
     return root, args, reports
 
 
@@ -101,8 +92,8 @@ def test_stage_06_submission_in_sample_order_with_reported_fallbacks(pipeline):
     assert set(report["test"]) == {"model", "prior", "bayes"}
 
 
-def test_demo_summary_reads_every_cervical_report(pipeline):
+def test_demo_summary_reads_every_cervical_report(pipeline, stage_script):
     _, args, _ = pipeline
-    rows = _stage("demo_summary").main(args)
+    rows = stage_script("demo_summary").main(args)
     assert [r[1] for r in rows] == ["OOF demo", "OOF demo_3d", "OOF stacked", "test submission"]
     assert all(v is not None and np.isfinite(v) for r in rows for v in r[2:])

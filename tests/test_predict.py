@@ -1,7 +1,6 @@
 """Stages 05 and 06 end to end on a tiny generated lumbar set, through the stage scripts; then the
 Kaggle offline path: a bundle and the inference notebook run from it into another folder."""
 
-import importlib.util
 import json
 
 import nbformat
@@ -30,23 +29,16 @@ TINY = [
 ]
 
 
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "src" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, stage_script):
     """Stages 01 to 06 with one config (two members: 2.5D and 3D), as the README runs them."""
     root = tmp_path_factory.mktemp("e2e")
     generate("lumbar", root / "data", 9, 3, seed=21, image_size=48)
     args = ["--config", CONFIG, f"data_dir={root / 'data'}", f"out_dir={root / 'out'}", *TINY]
     for stage in ("01_preprocess", "02_localize", "03_crop", "04_train"):
-        _stage(stage).main(args)
-    stacked = _stage("05_ensemble").main(args)
-    predicted = _stage("06_predict").main(args)
+        stage_script(stage).main(args)
+    stacked = stage_script("05_ensemble").main(args)
+    predicted = stage_script("06_predict").main(args)
     return root, args, stacked, predicted
 
 
@@ -110,10 +102,10 @@ def test_stack_applies_the_spec_it_saved(pipeline):
     assert q.shape == (len(ids), 3) and np.allclose(q.sum(1), 1)
 
 
-def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch):
+def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch, stage_script):
     root, args, _, report = pipeline
     bundle = tmp_path / "bundle"
-    info = _stage("make_offline_bundle").main(
+    info = stage_script("make_offline_bundle").main(
         ["--config", CONFIG, "--out", str(bundle), f"data_dir={root / 'data'}", f"out_dir={root / 'out'}"]
     )
     assert (bundle / "repo/src/spine/core/predict.py").exists() and (bundle / "bundle.json").exists()
@@ -134,8 +126,8 @@ def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(ours, theirs, atol=1e-5)  # same models, same inputs, same rows
 
 
-def test_demo_summary_reads_every_report(pipeline):
+def test_demo_summary_reads_every_report(pipeline, stage_script):
     _, args, _, _ = pipeline
-    rows = _stage("demo_summary").main(args)
+    rows = stage_script("demo_summary").main(args)
     assert [r[1] for r in rows] == ["OOF demo", "OOF demo_3d", "OOF stacked", "test submission"]
     assert all(v is not None and np.isfinite(v) for r in rows for v in r[2:])

@@ -1,6 +1,5 @@
 """Stages 00 and 01 through their command-line entry points, on tiny generated data sets."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -8,24 +7,17 @@ import pandas as pd
 import pytest
 
 from spine.core import geometry
-from spine.core.config import REPO_ROOT
 from spine.core.paths import truth_dir
 
 
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "src" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=["lumbar", "cervical"])
-def cached(request, tmp_path_factory):
+def cached(request, tmp_path_factory, stage_script):
     task = request.param
     root = tmp_path_factory.mktemp(task)
     data, out = root / "data", root / "out"
-    _stage("00_make_demo_data").main(["--task", task, "--out", str(data), "--n-train", "4", "--n-test", "2"])
-    summary = _stage("01_preprocess").main(
+    generate_args = ["--task", task, "--out", str(data), "--n-train", "4", "--n-test", "2"]
+    stage_script("00_make_demo_data").main(generate_args)
+    summary = stage_script("01_preprocess").main(
         ["--config", f"configs/{task}/demo.yaml", f"data_dir={data}", f"out_dir={out}", "num_workers=2"]
     )
     return task, data, out / "cache" / task, summary
@@ -68,9 +60,9 @@ def test_volumes_match_their_tables(cached):
         assert str(vol.dtype) == row.dtype
 
 
-def test_rerun_skips_everything(cached):
+def test_rerun_skips_everything(cached, stage_script):
     task, data, cache, first = cached
-    again = _stage("01_preprocess").main(
+    again = stage_script("01_preprocess").main(
         ["--config", f"configs/{task}/demo.yaml", f"data_dir={data}", f"out_dir={cache.parent.parent}"]
     )
     assert again["series_decoded"] == 0 and again["images"] == first["images"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import cv2
 import nbformat
 import numpy as np
@@ -20,13 +18,6 @@ from spine.lumbar.crops import run_crops
 from spine.lumbar.points import label_points
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "lumbar_localization.ipynb"
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "src" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +42,15 @@ def _is_picture(path) -> bool:
     return image is not None and image.shape[0] > 100 and float(image.std()) > 10.0
 
 
-def test_overlay_script_writes_non_blank_pngs(tiny, tmp_path):
+def test_overlay_script_writes_non_blank_pngs(tiny, tmp_path, stage_script):
     over, paths = tiny
-    written = _script("plot_overlays").main(["--config", "configs/lumbar/demo.yaml", "--n", "2", *over])
+    written = stage_script("plot_overlays").main(["--config", "configs/lumbar/demo.yaml", "--n", "2", *over])
     assert {p.parent for p in written} == {paths.localize_dir / "overlays"}
     names = sorted(p.name.split("_", 1)[1] for p in written)
     assert names == sorted(["sagittal.png", "axial.png", "crops_sag.png", "crops_ax.png"] * 2)
     assert all(_is_picture(p) for p in written)
-    elsewhere = _script("plot_overlays").main(["--config", "configs/lumbar/demo.yaml", "--n", "1", "--out",
-                                               str(tmp_path), *over])  # fmt: skip
+    args = ["--config", "configs/lumbar/demo.yaml", "--n", "1", "--out", str(tmp_path), *over]
+    elsewhere = stage_script("plot_overlays").main(args)
     assert len(elsewhere) == 4 and all(p.parent == tmp_path for p in elsewhere)
 
 
@@ -76,3 +67,8 @@ def test_notebook_runs_on_the_outputs(tiny, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert str(paths.out_dir) in text and "no crop report" not in text
     assert np.all([o.output_type != "error" for o in outputs])
+
+
+def test_a_task_without_overlays_says_so_and_returns_nothing(stage_script, capsys):
+    assert stage_script("plot_overlays").main(["--config", "configs/cervical/demo.yaml"]) == []
+    assert "task 'cervical' has nothing to do" in capsys.readouterr().out
