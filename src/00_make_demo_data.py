@@ -3,13 +3,17 @@
 python src/00_make_demo_data.py --config configs/lumbar/demo.yaml        # data_dir + demo_data sizes
 python src/00_make_demo_data.py --task lumbar --out DIR --n-train 40 --n-test 8 --seed 0
 
-The generator's ground truth lands beside the data in ``<out>_truth/``. With --config, a data set
-already generated with the same parameters is kept (the stage is resumable).
+The generator's ground truth lands beside the data in ``<out>_truth/``. With --config, every key of
+``demo_data`` other than n_train / n_test / seed is passed to the task's generator as a keyword
+argument (e.g. image_size), and a data set already generated with the same parameters is kept (the
+stage is resumable).
 """
 
 import argparse
 import json
 import time
+
+from omegaconf import OmegaConf
 
 from spine.core.cli import setup_logging
 from spine.core.config import load_config
@@ -29,9 +33,12 @@ def _args(argv):
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=None, help="pixels per side (default: demo size)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="pixels per side (default: the generator's)"
+    )
     parser.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides")
     args = parser.parse_args(argv)
+    args.generator = {"image_size": args.image_size} if args.image_size else {}
     if args.config:
         cfg = load_config(args.config, args.overrides)
         d = cfg.demo_data
@@ -42,7 +49,8 @@ def _args(argv):
             d.n_test,
             d.seed,
         )
-        args.image_size = d.get("image_size", args.image_size)
+        drawn = OmegaConf.to_container(d, resolve=True)
+        args.generator = {k: v for k, v in drawn.items() if k not in ("n_train", "n_test", "seed")}
     elif not (args.task and args.out):
         parser.error("give --config, or both --task and --out")
     return args
@@ -65,15 +73,14 @@ def main(argv=None) -> dict:
         "n_train": args.n_train,
         "n_test": args.n_test,
         "seed": args.seed,
-        "image_size": args.image_size,
+        **args.generator,
     }
     marker = truth_dir(args.out) / "params.json"
     if args.config and marker.exists() and json.loads(marker.read_text()) == params:
         print(f"{args.out}: already generated with {params}; kept")
         return json.loads((truth_dir(args.out) / "summary.json").read_text())
-    extra = {"image_size": args.image_size} if args.image_size else {}
     t0 = time.perf_counter()
-    summary = generate(args.task, args.out, args.n_train, args.n_test, args.seed, **extra)
+    summary = generate(args.task, args.out, args.n_train, args.n_test, args.seed, **args.generator)
     save_text(marker, json.dumps(params))
     flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     print_summary(

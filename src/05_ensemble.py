@@ -1,9 +1,10 @@
 """Stage 05: stack the OOF predictions of the config's ``ensemble.members`` on the competition metric.
 
 python src/05_ensemble.py --config configs/lumbar/demo.yaml [key=value ...]
-Scores every member, their mean, a per-group blend, a logistic and a LightGBM stacker by nested CV over
-the study folds; writes models/<task>/ensemble_<exp>/spec.json (the best one, refitted on every OOF row)
-and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
+Scores the prior, every member, their mean, a per-group blend (also with the prior as a member), a
+logistic and a LightGBM stacker by nested CV over the study folds; writes
+models/<task>/ensemble_<exp>/spec.json (the best one, refitted on every OOF row: never worse than the
+prior out of fold) and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
 """
 
 from spine.core.cli import parse_member_args

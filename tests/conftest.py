@@ -1,10 +1,56 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files: the stage-script loader and the two tiny end-to-end pipelines
+(built once per session; the end-to-end, stage-06 and bad-input tests all read them)."""
 
 import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from spine.core.config import REPO_ROOT
+from spine.core.synth import generate
+
+STAGES = ("01_preprocess", "02_localize", "03_crop", "04_train", "05_ensemble", "06_predict")
+LUMBAR_TINY = [
+    "num_workers=1",
+    "folds.n_folds=3",
+    "localize.epochs=1",
+    "localize.image_size=48",
+    "crop.pixels=24",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "train.width_3d=4",
+    "ensemble.lgbm_rounds=20",
+]
+CERVICAL_TINY = [
+    "num_workers=1",
+    "folds.n_folds=3",
+    "segment.voxel_mm=[8,8,8]",
+    "segment.field_mm=[64,64,64]",
+    "segment.widths=[4,8]",
+    "segment.epochs=2",
+    "segment.min_voxels=1",
+    "crop.depth=8",
+    "crop.pixels=32",
+    "train.n_seq=4",
+    "train.width_3d=4",
+    "train.epochs=1",
+    "ensemble.lgbm_rounds=20",
+]
+
+
+@dataclass
+class Pipeline:
+    """One config's stages 01 to 06 run on a tiny generated set (``root/data`` -> ``root/out``)."""
+
+    root: Path
+    config: str
+    tiny: list[str]
+    reports: dict = field(default_factory=dict)
+
+    def args(self, data: Path | None = None, out: Path | None = None, *extra: str) -> list[str]:
+        data, out = data or self.root / "data", out or self.root / "out"
+        return ["--config", self.config, f"data_dir={data}", f"out_dir={out}", *self.tiny, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +64,25 @@ def stage_script():
         return module
 
     return load
+
+
+def _run(pipe: Pipeline, stage_script) -> Pipeline:
+    for stage in STAGES:
+        pipe.reports[stage] = stage_script(stage).main(pipe.args())
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def lumbar_pipeline(tmp_path_factory, stage_script) -> Pipeline:
+    """9 train + 3 test lumbar studies; two members (2.5D and 3D) stacked."""
+    root = tmp_path_factory.mktemp("lumbar_e2e")
+    generate("lumbar", root / "data", 9, 3, seed=21, image_size=48)
+    return _run(Pipeline(root, "configs/lumbar/demo.yaml", LUMBAR_TINY), stage_script)
+
+
+@pytest.fixture(scope="session")
+def cervical_pipeline(tmp_path_factory, stage_script) -> Pipeline:
+    """9 train studies (3 with a mask) + 3 test studies (the generator drops one); two members."""
+    root = tmp_path_factory.mktemp("cervical_e2e")
+    generate("cervical", root / "data", 9, 3, seed=5, image_size=48, n_slices=40)
+    return _run(Pipeline(root, "configs/cervical/demo.yaml", CERVICAL_TINY), stage_script)

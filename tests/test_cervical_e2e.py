@@ -8,36 +8,13 @@ import pandas as pd
 import pytest
 
 from spine.cervical.task import TARGETS
-from spine.core.synth import generate
 from spine.registry import get_task
-
-CONFIG = "configs/cervical/demo.yaml"
-TINY = [
-    "num_workers=1",
-    "folds.n_folds=3",
-    "segment.grid=[16,16,16]",
-    "segment.widths=[4,8]",
-    "segment.epochs=2",
-    "segment.min_voxels=1",
-    "crop.depth=8",
-    "crop.pixels=32",
-    "train.n_seq=4",
-    "train.width_3d=4",
-    "train.epochs=1",
-    "ensemble.lgbm_rounds=20",
-]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, stage_script):
-    """9 train studies (3 with a mask) + 3 test studies (the generator drops one) through 01 to 06."""
-    root = tmp_path_factory.mktemp("cervical_e2e")
-    generate("cervical", root / "data", 9, 3, seed=5, image_size=48, n_slices=40)
-    args = ["--config", CONFIG, f"data_dir={root / 'data'}", f"out_dir={root / 'out'}", *TINY]
-    reports = {s: stage_script(s).main(args) for s in ("01_preprocess", "02_localize", "03_crop", "04_train")}
-    reports["05_ensemble"] = stage_script("05_ensemble").main(args)
-    reports["06_predict"] = stage_script("06_predict").main(args)
-    return root, args, reports
+def pipeline(cervical_pipeline):
+    p = cervical_pipeline
+    return p.root, p.args(), p.reports
 
 
 def test_stage_02_writes_a_row_per_study_and_vertebra(pipeline):

@@ -18,6 +18,7 @@ from spine.core.stacks import StackGeometry
 from spine.core.synth import generate
 from spine.lumbar import crops
 from spine.lumbar.crops import CropSpec, StackRef
+from spine.lumbar.localize import run_localize
 from spine.lumbar.points import POINT_COLUMNS, label_points
 from spine.lumbar.task import CONDITION_SERIES, CONDITIONS, LEVELS, LumbarTask
 
@@ -280,10 +281,15 @@ def test_manifest_records_where_each_crop_came_from(tiny):
     assert (ax["ax_box_mm"] == cfg.crop.size_mm).all() and ax["ax_inside"].all()
     assert ax["ax_plane_mm"].max() < 3.0
     assert set(manifest.loc[manifest["split"] == "train", "point_source"]) <= {"label", ""}
-    spinal = manifest[(manifest["condition"] == "spinal_canal_stenosis") & ~manifest["sag_missing"]]
-    recess = manifest[(manifest["condition"] == "left_subarticular_stenosis") & ~manifest["sag_missing"]]
-    shift = recess["x_mm"].to_numpy() - spinal["x_mm"].to_numpy()
-    assert shift == pytest.approx(np.full(len(shift), cfg.crop.recess_offset_mm))  # left is +x
+    # a recess with its own point is cropped there (its axial plane is its own slice); one without falls
+    # back to the canal point moved by the fixed offset (left is +x), and says so
+    recess = manifest[manifest["condition"] == "left_subarticular_stenosis"].set_index(["study_id", "level"])
+    spinal = manifest[manifest["condition"] == "spinal_canal_stenosis"].set_index(["study_id", "level"])
+    own = recess[(recess["point_fallback"] == "") & (recess["point_source"] != "")]
+    assert len(own) and (own["ax_plane_mm"] < 0.5).all()
+    fell = recess[recess["point_fallback"] != ""]
+    shift = fell["x_mm"] - spinal.loc[fell.index, "x_mm"]
+    assert shift.to_numpy() == pytest.approx(np.full(len(fell), cfg.crop.recess_offset_mm))
 
 
 def test_within_3mm_share_is_reported_and_high_with_label_points(tiny):
@@ -307,3 +313,101 @@ def test_rerun_skips_done_studies_and_recrops_a_study_whose_points_changed(tiny)
     third = crops.run_crops(cfg)
     assert third["studies_cropped"] == 1
     assert pd.read_parquet(paths.crop_manifest)["row_id"].tolist() == manifest["row_id"].tolist()
+
+
+def _make_fallback_points(paths: Paths) -> None:
+    """Drop one test study's recess points, so its subarticular rows fall back to the fixed offset."""
+    pts = pd.read_csv(paths.points)
+    study = pts.loc[pts["split"] == "test", "study_id"].iloc[0]
+    drop = (pts["study_id"] == study) & pts["condition"].str.contains("subarticular")
+    save_table(paths.points, pts[~drop])
+
+
+def test_a_row_without_its_recess_point_falls_back_to_the_offset_and_is_counted(tiny):
+    cfg, paths, _, _ = tiny
+    _make_fallback_points(paths)
+    crops.run_crops(cfg)
+    report = json.loads(paths.crop_report.read_text())["test"]["recess_points"]
+    assert (
+        report["fixed_offset"] > 0 and sum(report["fixed_offset_reasons"].values()) == report["fixed_offset"]
+    )
+    assert report["own_point"] + report["fixed_offset"] + report["no_point"] == report["rows"]
+
+
+# --- bad input: stages 02 and 03 keep going, with reasons -----------------------------------------
+
+
+def _break_test_studies(data) -> dict:
+    """Damage the test split of a generated set in every way the stages must survive; returns which
+    study got what. Each case hits a different test study."""
+    import shutil
+
+    desc = pd.read_csv(data / "test_series_descriptions.csv")
+    studies = sorted(desc["study_id"].unique())
+    cases = dict(zip(["no_folder", "failed_series", "one_slice", "unknown", "unreadable"], studies))
+    shutil.rmtree(data / "test_images" / str(cases["no_folder"]))
+    first = lambda study, kind: desc[(desc["study_id"] == study) & (desc["series_description"] == kind)]
+    failed = first(cases["failed_series"], "Sagittal T2/STIR")["series_id"].iloc[0]
+    for f in (data / "test_images" / str(cases["failed_series"]) / str(failed)).glob("*.dcm"):
+        f.write_bytes(b"not a dicom")
+    one = first(cases["one_slice"], "Axial T2")["series_id"].iloc[0]
+    for f in sorted((data / "test_images" / str(cases["one_slice"]) / str(one)).glob("*.dcm"))[1:]:
+        f.unlink()
+    desc.loc[desc["study_id"] == cases["unknown"], "series_description"] = "Sagittal T1 FLAIR (new)"
+    desc.to_csv(data / "test_series_descriptions.csv", index=False)
+    for f in (data / "test_images" / str(cases["unreadable"])).rglob("*.dcm"):
+        f.write_bytes(b"")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    generate("lumbar", root / "data", 4, 5, 23, image_size=SIZE)
+    cases = _break_test_studies(root / "data")
+    over = [
+        f"data_dir={root / 'data'}",
+        f"out_dir={root / 'out'}",
+        "num_workers=1",
+        "folds.n_folds=2",
+        "localize.epochs=1",
+        "localize.axial.epochs=1",
+        "localize.image_size=64",
+        "localize.backbone=resnet10t",
+    ]
+    cfg = load_config(REPO_ROOT / "configs/lumbar/demo.yaml", over)
+    run_preprocess(cfg)
+    run_localize(cfg)
+    summary = crops.run_crops(cfg)
+    return cfg, cases, summary, pd.read_parquet(Paths.from_config(cfg).crop_manifest)
+
+
+def test_broken_test_studies_keep_their_rows_with_a_reason(broken):
+    cfg, cases, summary, manifest = broken
+    test = manifest[manifest["split"] == "test"]
+    assert len(test) == 25 * 5 and summary["rows"] == len(manifest)
+    for study in (cases["no_folder"], cases["unreadable"], cases["unknown"]):
+        m = test[test["study_id"] == study]
+        assert m["sag_missing"].all() and m["ax_missing"].all()
+        assert (m["sag_reason"] != "").all() and (m["ax_reason"] != "").all()
+    for study in (cases["no_folder"], cases["unreadable"]):
+        assert set(test.loc[test["study_id"] == study, "ax_reason"]) == {crops.NO_SERIES}
+    report = json.loads(Paths.from_config(cfg).crop_report.read_text())["test"]
+    assert report["studies_without_series"] >= 2
+    # a failed Sagittal T2: no canal point, so its canal rows say so; its foramina are still cropped
+    m = test[test["study_id"] == cases["failed_series"]]
+    assert m.loc[m["condition"] == "spinal_canal_stenosis", "sag_missing"].all()
+    assert not m.loc[m["condition"].str.contains("foraminal"), "sag_missing"].all()
+    # a one-slice axial series still gives axial crops (its edge slice repeated)
+    m = test[(test["study_id"] == cases["one_slice"]) & ~test["ax_missing"]]
+    assert len(m) and (m["ax_clamped"] > 0).any()
+
+
+def test_stage_06_localize_and_crop_survive_the_broken_studies(broken, tmp_path):
+    from spine.lumbar.localize import predict_test
+
+    cfg, cases, _, _ = broken
+    summary = predict_test(cfg)
+    assert summary["studies"] <= 5
+    pts = pd.read_csv(Paths.from_config(cfg).points)
+    assert not pts["study_id"].isin([cases["no_folder"], cases["unreadable"]]).any()

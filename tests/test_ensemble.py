@@ -1,12 +1,15 @@
 """Stage 05's stackers on synthetic OOF tables with a known answer (no images, seconds)."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
 from spine.core import ensemble, priors
-from spine.core.config import REPO_ROOT
+from spine.core.config import REPO_ROOT, load_config
+from spine.core.paths import Paths
 from spine.registry import get_task
 
 EC = OmegaConf.load(REPO_ROOT / "configs/defaults.yaml").ensemble
@@ -36,7 +39,7 @@ def test_stackers_learn_to_trust_the_informative_member(task_name):
     good = ensemble.score(task, rows, probs[:, 0])["score"]
     assert good < noisy
     cands = ensemble.candidates(["good", "noise"], EC)
-    for name in ("blend", "logistic", "lgbm"):
+    for name in ("blend", "blend+prior", "logistic", "lgbm"):
         oof = ensemble.cv_predict(cands[name], rows, probs, feats)
         assert np.allclose(oof.sum(1), 1) and (oof > 0).all()
         assert ensemble.score(task, rows, oof)["score"] < noisy, name
@@ -45,7 +48,7 @@ def test_stackers_learn_to_trust_the_informative_member(task_name):
         assert params["weights"][0] > 0.8  # nearly all weight on the informative member
 
 
-@pytest.mark.parametrize("name", ["blend", "logistic", "lgbm", "mean", "member:good"])
+@pytest.mark.parametrize("name", ["prior", "blend", "blend+prior", "logistic", "lgbm", "mean", "member:good"])
 def test_saved_parameters_reproduce_the_predictions(name):
     task, rows, probs, feats = _table("lumbar", n_studies=12)
     model = ensemble.candidates(["good", "noise"], EC)[name]().fit(rows, probs, feats)
@@ -80,3 +83,96 @@ def test_binary_matrix_round_trip_and_prior():
     table = priors.prior_table(rows["key"], rows["y"], 2)
     np.testing.assert_allclose(table["C1"], [2.5 / 4, 1.5 / 4])
     np.testing.assert_allclose(priors.prior_probs(table, ["C7"], 2), [[0.5, 0.5]])
+
+
+# train.csv label rates of the real competition (DOMAIN.md): the prior differs by target
+RATES = {"C1": 0.072, "C2": 0.141, "C3": 0.036, "C4": 0.053, "C5": 0.08, "C6": 0.137, "C7": 0.195}
+RATES["patient_overall"] = 0.476
+
+
+def _stage05(tmp_path, informative: bool, n_studies: int = 40, seed: int = 0) -> tuple[dict, object]:
+    """Stage 05 on a cervical train.csv and one member's oof.csv, written to ``tmp_path``.
+
+    Labels follow the real per-target rates; an informative member knows each row's own fracture probability,
+    an uninformative one says 0.02 or 0.98 at random, whatever the label."""
+    cfg = load_config(
+        REPO_ROOT / "configs/cervical/demo.yaml", [f"data_dir={tmp_path}/data", f"out_dir={tmp_path}/out"]
+    )
+    task, rng = get_task("cervical"), np.random.default_rng(seed)
+    studies = [f"1.2.3.{i}" for i in range(n_studies)]
+    rows = ensemble.row_table(task, task.row_ids(studies))
+    rate = rows["key"].map(RATES).to_numpy()
+    p = rng.beta(rate * 2, (1 - rate) * 2) if informative else rate
+    y = (rng.random(len(rows)) < p).astype(int)
+    member = 0.9 * p + 0.05 if informative else rng.choice([0.02, 0.98], size=len(rows))
+    train = rows.assign(y=y).pivot(index="study_id", columns="key", values="y").reset_index()
+    (tmp_path / "data").mkdir()
+    train.rename(columns={"study_id": "StudyInstanceUID"}).to_csv(tmp_path / "data/train.csv", index=False)
+    paths = Paths.from_config(cfg)
+    paths.oof.parent.mkdir(parents=True)
+    folds = rows["study_id"].map({s: i % 4 for i, s in enumerate(studies)})
+    pd.DataFrame({"row_id": rows["row_id"], "fold": folds, "fractured": member}).to_csv(
+        paths.oof, index=False
+    )
+    return ensemble.run_ensemble(cfg, [cfg]), paths
+
+
+def test_members_worse_than_the_prior_leave_the_prior_chosen(tmp_path, monkeypatch):
+    # the prior against the members alone: the fitted stackers may beat the prior on noise, because
+    # the metric weights positives more than the (unweighted) label frequencies do
+    full = ensemble.candidates
+    monkeypatch.setattr(
+        ensemble, "candidates", lambda names, ec: {k: full(names, ec)[k] for k in ("prior", "member:demo")}
+    )
+    report, paths = _stage05(tmp_path, informative=False)
+    prior, member = report["prior"]["score"], report["candidates"]["member:demo"]["score"]
+    assert member > prior and report["chosen"] == "prior"
+    message = (
+        f"every member scores worse than the prior out of fold ({member:.4f} vs {prior:.4f}): "
+        "the prior was chosen"
+    )
+    assert message in report["notes"]
+    assert message in report["summary"].values()
+    assert message in json.loads(paths.ensemble_report.read_text())["notes"]
+    # stage 06 applies the chosen prior through apply_spec: the spec's own prior table
+    spec = ensemble.load_spec(paths)
+    assert spec["stacker"] == "prior"
+    task = get_task("cervical")
+    new_ids = task.row_ids(["9.9.9"])
+    q = ensemble.apply_spec(spec, task, new_ids, np.full((len(new_ids), 1, 2), 0.5), None)
+    np.testing.assert_allclose(q, priors.prior_probs(spec["prior"], [task.prior_key(r) for r in new_ids], 2))
+
+
+def test_the_chosen_stack_is_never_worse_than_the_prior(tmp_path):
+    report, paths = _stage05(tmp_path, informative=False)
+    prior, member = report["prior"]["score"], report["candidates"]["member:demo"]["score"]
+    chosen = report["candidates"][report["chosen"]]["score"]
+    assert member > prior >= chosen
+    said = f"every member scores worse than the prior out of fold ({member:.4f} vs {prior:.4f}): "
+    assert any(note.startswith(said) for note in report["notes"])
+    assert ensemble.load_spec(paths)["chosen"] == report["chosen"]
+
+
+def test_good_members_are_chosen_over_the_prior(tmp_path):
+    report, paths = _stage05(tmp_path, informative=True)
+    assert report["chosen"] != "prior"
+    assert report["candidates"][report["chosen"]]["score"] < report["prior"]["score"]
+    assert report["selected"]["score"] < report["prior"]["score"]
+    assert not any("worse than the prior" in n for n in report["notes"])
+    assert ensemble.load_spec(paths)["stacker"] != "prior"
+
+
+def test_the_prior_candidate_is_the_out_of_fold_prior():
+    task, rows, probs, feats = _table("lumbar", n_studies=12)
+    k = ensemble.n_classes(task)
+    oof = ensemble.cv_predict(ensemble.Prior, rows, probs, feats)
+    expected = priors.oof_prior(rows["key"], rows["fold"], k, rows["key"], rows["y"], rows["fold"])
+    np.testing.assert_allclose(oof, expected)
+
+
+def test_a_blend_of_noise_leans_on_the_prior():
+    task, rows, probs, feats = _table("cervical")
+    noise = probs[:, [1]]  # the uninformative member alone, plus the prior the blend adds
+    blend = ensemble.candidates(["noise"], EC)["blend+prior"]().fit(rows, noise, feats)
+    for params in blend.groups.values():
+        assert len(params["weights"]) == 2 and params["weights"][1] > 0.5

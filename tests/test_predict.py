@@ -12,40 +12,23 @@ from nbclient import NotebookClient
 from spine.core import ensemble
 from spine.core.config import REPO_ROOT
 from spine.core.paths import truth_dir
-from spine.core.synth import generate
 from spine.registry import get_task
 
 CONFIG = "configs/lumbar/demo.yaml"
-TINY = [
-    "num_workers=1",
-    "folds.n_folds=3",
-    "localize.epochs=1",
-    "localize.image_size=48",
-    "crop.pixels=24",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.width_3d=4",
-    "ensemble.lgbm_rounds=20",
-]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, stage_script):
+def pipeline(lumbar_pipeline):
     """Stages 01 to 06 with one config (two members: 2.5D and 3D), as the README runs them."""
-    root = tmp_path_factory.mktemp("e2e")
-    generate("lumbar", root / "data", 9, 3, seed=21, image_size=48)
-    args = ["--config", CONFIG, f"data_dir={root / 'data'}", f"out_dir={root / 'out'}", *TINY]
-    for stage in ("01_preprocess", "02_localize", "03_crop", "04_train"):
-        stage_script(stage).main(args)
-    stacked = stage_script("05_ensemble").main(args)
-    predicted = stage_script("06_predict").main(args)
-    return root, args, stacked, predicted
+    p = lumbar_pipeline
+    return p.root, p.args(), p.reports["05_ensemble"], p.reports["06_predict"]
 
 
 def test_stage_05_scores_every_candidate_out_of_fold(pipeline):
     root, _, report, _ = pipeline
     assert report["members"] == ["demo", "demo_3d"]
-    assert {"member:demo", "member:demo_3d", "mean", "blend", "logistic", "lgbm"} == set(report["candidates"])
+    expected = {"prior", "member:demo", "member:demo_3d", "mean", "blend", "blend+prior", "logistic", "lgbm"}
+    assert expected == set(report["candidates"])
     assert set(report["selected_per_fold"]) == {0, 1, 2}
     for s in [*report["candidates"].values(), report["selected"], report["prior"], report["bayes"]]:
         assert np.isfinite(s["score"]) and s["score"] > 0
@@ -102,7 +85,7 @@ def test_stack_applies_the_spec_it_saved(pipeline):
     assert q.shape == (len(ids), 3) and np.allclose(q.sum(1), 1)
 
 
-def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch, stage_script):
+def test_offline_bundle_and_notebook(pipeline, lumbar_pipeline, tmp_path, monkeypatch, stage_script):
     root, args, _, report = pipeline
     bundle = tmp_path / "bundle"
     info = stage_script("make_offline_bundle").main(
@@ -116,7 +99,7 @@ def test_offline_bundle_and_notebook(pipeline, tmp_path, monkeypatch, stage_scri
     monkeypatch.setenv("SPINE_BUNDLE", str(bundle))
     monkeypatch.setenv("SPINE_DATA_DIR", str(root / "data"))
     monkeypatch.setenv("SPINE_OUT_DIR", str(work))
-    monkeypatch.setenv("SPINE_OVERRIDES", " ".join(a for a in TINY))
+    monkeypatch.setenv("SPINE_OVERRIDES", " ".join(lumbar_pipeline.tiny))
     nb = nbformat.read(REPO_ROOT / "notebooks/kaggle_inference.ipynb", as_version=4)
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(work)}}

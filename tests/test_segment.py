@@ -13,9 +13,12 @@ from spine.cervical.segment import (
     SLICE_COLUMNS,
     VERTEBRA_COLUMNS,
     align_mask,
+    aligned_mask,
     augment,
     bone_share,
+    convention_mask,
     geometries,
+    planes_path,
     predict_test,
     run_segment,
     study_items,
@@ -24,13 +27,15 @@ from spine.cervical.task import VERTEBRAE
 from spine.core.config import REPO_ROOT, load_config
 from spine.core.paths import Paths
 from spine.core.preprocess import run_preprocess
+from spine.core.stacks import StackGeometry
 from spine.core.synth import generate
 
 CONFIG = REPO_ROOT / "configs/cervical/demo.yaml"
 TINY = [
     "num_workers=1",
     "folds.n_folds=2",
-    "segment.grid=[16,16,16]",
+    "segment.voxel_mm=[8,8,8]",
+    "segment.field_mm=[64,64,64]",
     "segment.widths=[4,8]",
     "segment.epochs=1",
     "segment.batch=2",
@@ -87,14 +92,18 @@ def test_masks_align_by_geometry(cached):
         geo = geos[(it.study_id, it.series_id, it.stack)]
         z = geo.ipp[:, 2]
         stack = ct.CTStack(paths.cache_dir / it.path)
-        mask = align_mask(it.mask, geo, it.shape)
+        aligned = aligned_mask(it.mask, geo, it.shape, stack, 0.5)
+        mask = aligned.labels
         t = truth[truth["study_id"] == it.study_id]
         assert _spans_match(mask, z, t), it.study_id  # slice spans: exactly the truth's
         for r in t[t["vertebra"].isin(VERTEBRAE)].itertuples():  # left-right centre of each vertebra
             rows, cols = np.nonzero((mask == VERTEBRAE.index(r.vertebra) + 1).any(0))
             x_mm = geo.ipp[0, 0] + cols.mean() * geo.spacing[0, 1]
             assert abs(x_mm - r.cx_mm) < 3.0, (it.study_id, r.vertebra)
-        assert bone_share(mask, stack) > 0.9  # the mask lies on bone
+        assert aligned.share > 0.9  # the mask lies on bone
+        if aligned.method == "convention":  # a dishonest header: the fixed rule fixed it
+            assert not aligned.header_share > 0.5
+            continue
         # the same mask stored in another axis order and flips (its affine adjusted) aligns the same
         img = nib.load(str(it.mask))
         other = img.as_reoriented(np.array([[2, -1], [0, 1], [1, -1]]))
@@ -105,6 +114,48 @@ def test_masks_align_by_geometry(cached):
         if naive.shape == mask.shape:
             flipped = bone_share(naive, stack) < 0.6 or not _spans_match(naive, z, t)
             assert flipped, it.study_id
+
+
+def _tiny_case(tmp_path, z_falls: bool):
+    """A 6-slice stack of 8 x 10 pixels with a bone block, and its mask stored as the real files are:
+    axes (column, row, slice), the slice axis ascending patient z, the row axis reversed, with an
+    identity affine that says nothing true. ``z_falls``: the stack's cached order runs downwards."""
+    n, rows, cols = 6, 8, 10
+    hu = np.full((n, rows, cols), -1000, dtype=np.int16)
+    hu[1:4, 2:5, 3:7] = 700
+    labels = np.zeros((n, rows, cols), dtype=np.uint8)
+    labels[1:4, 2:5, 3:7] = 3  # C3 on the bone
+    z = np.arange(n, dtype=float) * 1.25
+    if z_falls:
+        z = z[::-1]
+    np.save(tmp_path / "hu.npy", hu)
+    ascending = labels[np.argsort(z)]  # (slice ascending z, row, col)
+    stored = ascending[:, ::-1].transpose(2, 1, 0)  # real layout: (col, row, slice), rows reversed
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(stored), np.eye(4)), tmp_path / "m.nii")
+    ipp = np.stack([np.full(n, -5.0), np.full(n, -4.0), z], 1)
+    iop = np.tile([1.0, 0, 0, 0, 1.0, 0], (n, 1))
+    geo = StackGeometry(ipp, iop, np.ones((n, 2)))
+    return tmp_path / "m.nii", geo, ct.CTStack(tmp_path / "hu.npy"), labels
+
+
+@pytest.mark.parametrize("z_falls", [False, True])
+def test_dishonest_header_falls_back_to_the_convention(tmp_path, z_falls):
+    nifti, geo, stack, labels = _tiny_case(tmp_path, z_falls)
+    np.testing.assert_array_equal(convention_mask(nifti, geo, labels.shape), labels)
+    got = aligned_mask(nifti, geo, labels.shape, stack, min_share=0.5)
+    assert got.method == "convention" and got.share == 1.0 and not got.header_share >= 0.5
+    np.testing.assert_array_equal(got.labels, labels)
+    # an honest header (voxel -> RAS of the stored layout) keeps the header path and the same mask
+    img = nib.load(str(nifti))
+    rows = labels.shape[1]
+    z0 = geo.ipp[:, 2].min()
+    affine = np.array(  # i = col, j = reversed row, k = ascending slice; RAS = (-LPS x, -LPS y, z)
+        [[-1.0, 0, 0, 5.0], [0, 1.0, 0, 4.0 - (rows - 1)], [0, 0, 1.25, z0], [0, 0, 0, 1]]
+    )
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), affine), tmp_path / "honest.nii")
+    got = aligned_mask(tmp_path / "honest.nii", geo, labels.shape, stack, min_share=0.5)
+    assert got.method == "header" and got.share == 1.0
+    np.testing.assert_array_equal(got.labels, labels)
 
 
 def test_augment_keeps_labels_on_their_voxels():
@@ -150,7 +201,11 @@ def test_stage_02_tables_resume_and_test_inference(cached, tmp_path):
     assert slices[VERTEBRAE].to_numpy().min() >= 0 and slices[VERTEBRAE].to_numpy().max() <= 1
 
     assert set(report["dice_oof"]["per_vertebra"]) <= set(VERTEBRAE) and report["dice_oof"]["studies"] == 3
-    assert report["mask_bone_share"]["min"] > 0.9 and "summary" in report
+    assert set(report["dice_oof"]["found_rate"]) == set(report["dice_oof"]["per_vertebra"])
+    align = report["mask_alignment"]
+    assert align["studies"] == 3 and align["min_share_kept"] > 0.9 and "summary" in report
+    assert {s["kept"] for s in align["per_study"].values()} <= {"header", "convention"}
+    assert all(planes_path(paths, s).exists() for s in n_slices)  # the overlays' mid planes
     assert report["truth_agreement"] is not None  # generated data: spans compared with the truth
     assert paths.localize_report.exists() and (paths.localize_dir / "config.yaml").exists()
 

@@ -15,12 +15,14 @@ from spine.core import geometry
 from spine.core.paths import truth_dir
 
 N_TRAIN, N_TEST, SEED = 5, 3, 7
-SIZE, SLICES = 96, 64
+SIZE = 64
+# the quick demo's scan (real slice spacing, C1 to T1), small images; half the train studies masked
+SCAN = {"fov_mm": (150, 175), "above_c1_mm": (3, 10), "below_c7_mm": (5, 20), "mask_share": 0.5}
 TASK = CervicalTask()
 
 
 def _make(root: Path, seed: int = SEED) -> dict:
-    return cervical.generate(root, N_TRAIN, N_TEST, seed, image_size=SIZE, n_slices=SLICES)
+    return cervical.generate(root, N_TRAIN, N_TEST, seed, image_size=SIZE, **SCAN)
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +60,26 @@ def _read_study(folder: Path):
     return dsets, vol
 
 
+def _z_decreases(folder: Path) -> bool:
+    """Whether ImagePositionPatient z decreases with the slice number (read from slices 1 and 2)."""
+    z = [float(pydicom.dcmread(folder / f"{k}.dcm").ImagePositionPatient[2]) for k in (1, 2)]
+    return z[1] < z[0]
+
+
 def _mask(root: Path, uid: str):
-    """The stored mask S, its DICOM-aligned view V and the NIfTI affine."""
+    """The stored mask S, its DICOM-aligned view V (by the published rule) and the NIfTI affine."""
     img = nib.load(root / "segmentations" / f"{uid}.nii")
     s = np.asarray(img.dataobj)
-    return s, s[:, ::-1, ::-1].transpose(2, 1, 0), img.affine
+    return s, cervical.dicom_order_from_mask(s, _z_decreases(_folder(root, uid))), img.affine
 
 
 def _segmented_with(root: Path, summary: dict, visible: bool) -> str:
+    """A segmented study whose mask header is honest, with or without a visible fracture."""
     labels = _truth(root, "labels")
     shown = set(labels.loc[labels["visible"] == 1, "study_id"])
+    honest = set(summary["quirks"]["segmented"]) - set(summary["quirks"]["identity_affine_masks"])
     for uid in summary["quirks"]["segmented"]:
-        if (uid in shown) == visible:
+        if (uid in shown) == visible and uid in honest:
             return uid
     raise AssertionError("no segmented study of the kind asked for")
 
@@ -129,6 +139,7 @@ def test_vertebra_centre_is_bone_in_dicom_and_mask(data):
     ipp = np.array([d.ImagePositionPatient for d in dsets], dtype=float)
     iop, spacing = dsets[0].ImageOrientationPatient, np.array(dsets[0].PixelSpacing, dtype=float)
     dz = np.diff(np.sort(ipp[:, 2])).max()
+    descending = _z_decreases(root / "train_images" / uid)
     checked = 0
     for row in verts.itertuples():
         if labels.loc[f"{uid}_{row.vertebra}", "visible"] == 1:
@@ -141,7 +152,8 @@ def test_vertebra_centre_is_bone_in_dicom_and_mask(data):
         assert np.median(hu[k, r - 1 : r + 2, c - 1 : c + 2]) > 200
         label = cervical.NAMES.index(row.vertebra) + 1
         assert v_mask[k, r, c] == label
-        voxel = np.array([c, hu.shape[1] - 1 - r, hu.shape[0] - 1 - k, 1.0])
+        k_asc = hu.shape[0] - 1 - k if descending else k  # the mask's slice axis runs in ascending z
+        voxel = np.array([c, hu.shape[1] - 1 - r, k_asc, 1.0])
         assert s[tuple(voxel[:3].astype(int))] == label
         lps = np.array([ipp[j, 0] + c * spacing[1], ipp[j, 1] + r * spacing[0], ipp[j, 2]])
         ras = (affine @ voxel)[:3]
@@ -238,3 +250,103 @@ def test_same_seed_same_data(data, tmp_path):
     for k in (1, 2):
         rel = (_folder(root, uid) / f"{k}.dcm").relative_to(root)
         assert (again / rel).read_bytes() == (root / rel).read_bytes()
+
+
+def test_slice_spacing_and_count_vary_between_studies(data):
+    root, summary = data
+    spacings, counts = [], []
+    for uid in summary["quirks"]["instance_order"]:
+        dsets, hu = _read_study(_folder(root, uid))
+        z = np.sort([float(d.ImagePositionPatient[2]) for d in dsets])
+        step = np.median(np.diff(z))
+        assert 0.5 - 1e-3 <= step <= 1.25 + 1e-3 and float(dsets[0].SliceThickness) == pytest.approx(
+            step, abs=1e-3
+        )
+        spacings.append(step)
+        counts.append(hu.shape[0])
+    assert max(spacings) - min(spacings) > 0.2  # a model gridded by slice index would see other scales
+    assert min(counts) >= 100 and max(counts) > min(counts)
+    lo, hi = summary["counts"]["train"]["slice_spacing_mm"]
+    assert 0.5 <= lo < hi <= 1.25
+
+
+def test_default_scan_is_the_real_one():
+    """Without demo keys a study spans the skull base to the upper thorax: hundreds of slices of 512²,
+    0.5-1.25 mm apart (drawn without rendering a pixel)."""
+    plan = cervical.StudyPlan("1.2.3", "train", 0, (), ())
+    counts, steps = [], []
+    for i in range(30):
+        anat = cervical.build_anatomy(np.random.default_rng(i), plan, cervical.Scan())
+        z = np.sort(anat.z_instances)
+        counts.append(len(z))
+        steps.append(np.diff(z).mean())
+        assert anat.size == 512 and 0.25 <= anat.spacing <= 0.45
+        t1 = anat.vertebrae[cervical.NAMES.index("T1")]
+        assert z[-1] > anat.head["z_base"] and z[0] < t1.centre[2]  # skull base above, thorax below
+    assert 0.5 <= min(steps) and max(steps) <= 1.25
+    assert 150 <= min(counts) and max(counts) >= 500 and max(counts) <= 1300
+
+
+def _render_column(anat, z_values):
+    """Labels and HU of the slices at z_values (ascending), rendered without noise."""
+    slices = [cervical.render_slice(anat, float(z)) for z in z_values]
+    return np.stack([s.labels for s in slices]), np.stack([s.hu for s in slices])
+
+
+def test_atlas_is_a_ring_around_the_dens_and_c2_is_the_tallest():
+    plan = cervical.StudyPlan("1.2.3", "train", 0, (), ())
+    scan = cervical.Scan(image_size=128, fov_mm=(150, 150))
+    for seed in range(3):
+        anat = cervical.build_anatomy(np.random.default_rng(seed), plan, scan)
+        c1 = anat.vertebrae[0]
+        z = np.arange(c1.centre[2] - 60, c1.centre[2] + 20, 0.5)
+        labels, hu = _render_column(anat, z)
+        heights = {
+            name: np.ptp(z[(labels == i + 1).any(axis=(1, 2))]) for i, name in enumerate(cervical.NAMES[:3])
+        }
+        assert 8.0 <= heights["C1"] <= 13.0, heights
+        assert 30.0 <= heights["C2"] <= 42.0 and heights["C2"] > heights["C3"], heights
+        # on C1's mid slice: bone all around the ring, none at its centre, the dens (C2) inside it
+        k = int(np.argmin(np.abs(z - c1.centre[2])))
+        col = int(round((c1.centre[0] - anat.origin[0]) / anat.spacing))
+        row = int(round((c1.centre[1] - anat.origin[1]) / anat.spacing))
+        assert labels[k, row, col] == 0 and hu[k, row, col] < 200
+        ring = labels[k] == 1
+        assert (
+            ring[:row, col].any()
+            and ring[row:, col].any()
+            and ring[row, :col].any()
+            and ring[row, col:].any()
+        )
+        inner = round(c1.dims["ri_ap"] / anat.spacing)
+        dens = labels[k, row - inner : row, col - 3 : col + 4] == 2  # in front of the centre, inside the ring
+        assert dens.any()
+
+
+def test_mask_header_quirk_and_monochrome1(data):
+    root, summary = data
+    q = summary["quirks"]
+    bad = q["identity_affine_masks"]
+    assert len(bad) == 1 and summary["counts"]["train"]["identity_affine_masks"] == 1
+    assert set(bad) < set(q["segmented"])
+    for uid in q["segmented"]:
+        assert np.allclose(nib.load(root / "segmentations" / f"{uid}.nii").affine, np.eye(4)) == (uid in bad)
+        _, hu = _read_study(root / "train_images" / uid)
+        _, v_mask, _ = _mask(root, uid)
+        ok = ~np.isnan(hu) & (v_mask > 0)
+        assert (hu[ok] >= 200).mean() > 0.9  # the published rule puts every mask on bone
+    mono = q["monochrome1"]
+    assert len(mono) == 2  # one series per split
+    for uid in mono:
+        ds = pydicom.dcmread(_folder(root, uid) / "2.dcm")
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert ds.PhotometricInterpretation == "MONOCHROME1" and -1024 <= hu[:4, :4].mean() <= -950
+
+
+def test_mask_layout_round_trips_with_the_published_rule():
+    rng = np.random.default_rng(0)
+    asc = rng.integers(0, 8, size=(5, 4, 3)).astype(np.uint8)  # A[k, r, c] in ascending z
+    stored = cervical.mask_from_ascending(asc)
+    assert stored.shape == (3, 4, 5)
+    assert np.array_equal(cervical.dicom_order_from_mask(stored, z_decreases=False), asc)
+    assert np.array_equal(cervical.dicom_order_from_mask(stored, z_decreases=True), asc[::-1])

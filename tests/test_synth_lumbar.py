@@ -369,3 +369,22 @@ def test_every_condition_has_a_truth_point(data):
     points = _truth(out, "points")
     assert set(points["condition"]) == set(CONDITIONS)
     assert len(points) == 25 * (N_TRAIN + N_TEST)
+
+
+def test_recess_place_varies_by_level_and_moves_medially_with_severity():
+    rng = np.random.default_rng(4)
+    sp = lumbar.sample_spine(rng, np.zeros((5, 5)))
+    lumbar.vary_recesses(sp, np.random.default_rng(5))
+    lateral = [abs(sp.row_point(3, lv)[0] - sp.x0) for lv in range(5)]  # left recess, per level
+    assert np.ptp(lateral) > 0.5  # not one fixed offset from the canal
+    severe = np.zeros((5, 5))
+    severe[3, 2] = 1.0  # left subarticular L3/L4 severe
+    sp2 = lumbar.sample_spine(np.random.default_rng(4), severe)
+    sp2.recess_dx, sp2.recess_db = sp.recess_dx, sp.recess_db
+    moved = abs(sp2.row_point(3, 2)[0] - sp2.x0)
+    assert moved == pytest.approx(lateral[2] - lumbar.RECESS_MEDIAL_MM)
+    # the rendered recess (CSF) is centred where the truth point says, at the disc
+    p = sp2.row_point(3, 2)
+    line = p + np.arange(-4, 4.25, 0.25)[:, None] * np.array([1.0, 0, 0])
+    signal = lumbar.render(sp2, "T2", line, 0.25)
+    assert signal[len(line) // 2] > 0.5

@@ -119,7 +119,7 @@ def test_ddp_two_cpu_ranks(cropped):
     assert "(rank 0 of 2)" in done.stderr and "(rank 1 of 2)" in done.stderr
     cfg = load_config(REPO_ROOT / "configs/lumbar/demo.yaml", over)
     paths = Paths.from_config(cfg)
-    state = torch.load(paths.checkpoint(0, cfg.seed), weights_only=False)
+    state = torch.load(paths.checkpoint(0, cfg.seed), weights_only=True)
     build_model(cfg).load_state_dict(state["model"])  # a complete, unwrapped state dict
     fold0 = pd.read_csv(paths.oof_fold(0))
     folds = pd.read_csv(paths.folds).set_index("study_id")["fold"]

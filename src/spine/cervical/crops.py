@@ -33,7 +33,7 @@ merged ``paths.crop_manifest`` (one row per study and vertebra), ``paths.crop_re
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
@@ -181,8 +181,26 @@ def _stack_geometry(inst: pd.DataFrame) -> dict:
 
 
 def crop_study(job: StudyJob, paths: Paths, spec: VertebraCropSpec) -> list[dict]:
-    """Crop the 7 vertebrae of one study, write its array and then its manifest; returns the rows."""
+    """Crop the 7 vertebrae of one study, write its array and then its manifest; returns the rows.
+
+    A study that fails to crop (a cached stack that does not load, a stage-02 box that makes no sense)
+    is logged and keeps its 7 rows, not found, with the error as their reason: the stage goes on.
+    """
     arr = np.full((len(VERTEBRAE), spec.depth, spec.pixels, spec.pixels), AIR_HU, dtype=np.int16)
+    try:
+        rows = _crop_rows(job, paths, spec, arr)
+    except Exception as err:  # noqa: BLE001 - one bad study must not stop the stage; counted by reason
+        log.exception("cervical crop of %s %s failed; its vertebrae get the prior", job.split, job.study_id)
+        arr[:] = AIR_HU
+        job = replace(job, stack=None, stack_reason=f"crop failed: {err!r}")
+        rows = _crop_rows(job, paths, spec, arr)
+    save_npy(paths.crop_array(job.split, job.study_id, VIEW), arr)
+    write_study_manifest(paths, job.split, job.study_id, job.fingerprint, rows)
+    return rows
+
+
+def _crop_rows(job: StudyJob, paths: Paths, spec: VertebraCropSpec, arr: np.ndarray) -> list[dict]:
+    """The manifest rows of one study's 7 vertebrae, each found one's crop written into ``arr``."""
     by_name = {r["vertebra"]: r for r in job.vertebrae.to_dict("records")}
     volume = np.load(paths.cache_dir / job.stack["path"], mmap_mode="r") if job.stack else None
     boxes = _box_slices(job)
@@ -204,8 +222,6 @@ def crop_study(job: StudyJob, paths: Paths, spec: VertebraCropSpec) -> list[dict
             continue
         fields, arr[i] = _crop_vertebra(v, volume, job.geometry, spec, boxes)
         rows.append(base | {"found": True, "reason": ""} | fields)
-    save_npy(paths.crop_array(job.split, job.study_id, VIEW), arr)
-    write_study_manifest(paths, job.split, job.study_id, job.fingerprint, rows)
     return rows
 
 
@@ -216,6 +232,9 @@ def _missing_reason(job: StudyJob, v: dict | None) -> str:
         return "no stage 02 row"
     if not bool(v["found"]):
         return "vertebra not found by stage 02"
+    named = (str(v.get("series_id")), v.get("stack"))
+    if pd.notna(named[1]) and named != (str(job.stack["series_id"]), int(job.stack["stack"])):
+        return "stage 02 found it on another stack than the one cropped"
     if any(
         pd.isna(v[k]) for k in ("slice_start", "slice_end", "row_start", "row_end", "col_start", "col_end")
     ):
@@ -344,13 +363,18 @@ def build_jobs(studies, vertebrae, series, inst, boxes, spec) -> list[StudyJob]:
                 sid, st = str(v["series_id"].dropna().iloc[0]), int(v["stack"].dropna().iloc[0])
                 stack = ok[(ok["split"] == split) & (ok["series_id"] == sid) & (ok["stack"] == st)]
                 stack = stack.iloc[0].to_dict() if len(stack) else stack_of[(split, study)]
-            geo = _stack_geometry(inst_of[(split, study, stack["series_id"], stack["stack"])])
+            slices = inst_of.get((split, study, stack["series_id"], stack["stack"]))
+            if slices is None or not len(slices):  # a stack row without a readable slice
+                stack = None
+            else:
+                geo = _stack_geometry(slices)
+        reason = status_of.get((split, study), "not in the stage 01 cache (no folder on disk?)")
         job = StudyJob(
             split,
             study,
             vert_of.get((split, study), vertebrae.iloc[:0]),
             stack,
-            status_of.get((split, study), "not in the stage 01 cache"),
+            "no readable slice in the stage 01 cache" if reason == "ok" else reason,
             geo,
             box_of.get(study) if split == "train" else None,
             "",

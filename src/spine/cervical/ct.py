@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 # name -> (centre, width) in HU
@@ -58,46 +57,75 @@ class CTStack:
         idx = np.atleast_1d(np.arange(len(self))[index])
         return np.asarray(self._vol[idx], dtype=np.float32)
 
+    def reformat(self, axis: str, index: int) -> np.ndarray:
+        """HU of one plane across all slices: ``sagittal`` (a column: slices x rows) or ``coronal`` (a
+        row: slices x cols), float32."""
+        planes = {"sagittal": lambda v: v[:, :, index], "coronal": lambda v: v[:, index, :]}
+        if axis not in planes:
+            raise KeyError(f"unknown reformat {axis!r}; known: {sorted(planes)}")
+        return np.asarray(planes[axis](self._vol), dtype=np.float32)
+
     def windowed(self, index, names) -> np.ndarray:
         """The named windows of slices ``index``: float32 (C, k, rows, cols)."""
         return windows(self.read(index), names)
 
 
-def interpolation_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights that resample n_in samples to n_out with pixel centres preserved.
+AIR_HU = -1000.0  # what a resampled voxel outside the scanned volume holds
 
-    Downsampling averages each output's footprint (the overlap length of input cells with it, like
-    cv2's INTER_AREA), so a thin bone between two output planes is kept, not skipped. Upsampling
-    interpolates linearly. Rows sum to 1.
+
+def axis_weights(src_mm, dst_mm) -> np.ndarray:
+    """(len(dst), len(src)) weights that resample samples at positions ``src_mm`` to ``dst_mm`` (mm).
+
+    A tent kernel whose half-width is the coarser of the two sample spacings: linear interpolation
+    when ``dst`` is finer, an anti-aliased average over each output's footprint when it is coarser (a
+    thin bone between two output planes is kept, not skipped). Positions, not indices, so a study's
+    slice spacing and count never change the scale. Rows sum to 1; a row with no source within reach
+    (outside the scanned extent) is all zero.
     """
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    if n_out <= n_in:
-        edges = np.arange(n_out + 1) * n_in / n_out
-        for j in range(n_out):
-            lo, hi = edges[j], edges[j + 1]
-            for i in range(int(np.floor(lo)), min(int(np.ceil(hi)), n_in)):
-                w[j, i] = min(hi, i + 1) - max(lo, i)
-    else:
-        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-        lo = np.floor(pos).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        np.add.at(w, (np.arange(n_out), lo), 1 - (pos - lo))
-        np.add.at(w, (np.arange(n_out), hi), pos - lo)
-    return w / w.sum(1, keepdims=True)
+    src, dst = np.asarray(src_mm, dtype=np.float64), np.asarray(dst_mm, dtype=np.float64)
+    reach = max(_step(src), _step(dst))
+    w = np.clip(1.0 - np.abs(dst[:, None] - src[None, :]) / reach, 0.0, None)
+    total = w.sum(1, keepdims=True)
+    return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
 
 
-def resample(stack: CTStack, shape: tuple[int, int, int]) -> np.ndarray:
-    """The stack's HU resampled to ``shape`` (D, H, W): float32, read a few slices at a time.
+def _step(pos: np.ndarray) -> float:
+    """The median spacing of sorted positions (1 for a single sample)."""
+    gaps = np.diff(np.sort(pos))
+    gaps = gaps[gaps > 1e-6]
+    return float(np.median(gaps)) if len(gaps) else 1.0
 
-    Along the slices by ``interpolation_weights``; in-plane with cv2 (area when shrinking, linear when
-    growing). Peak memory is the output plus the few input slices of one output plane.
-    """
-    d, h, w = (int(s) for s in shape)
-    weights = interpolation_weights(len(stack), d)
-    out = np.empty((d, h, w), dtype=np.float32)
-    inter = cv2.INTER_AREA if h <= stack.shape[1] else cv2.INTER_LINEAR
-    for j in range(d):
-        idx = np.flatnonzero(weights[j])
-        plane = np.tensordot(weights[j, idx].astype(np.float32), stack.read(idx), axes=1)
-        out[j] = cv2.resize(plane, (w, h), interpolation=inter)
+
+def resample_hu(stack: CTStack, wz: np.ndarray, wr: np.ndarray, wc: np.ndarray) -> np.ndarray:
+    """The stack's HU on a grid given per-axis weights (``axis_weights``: grid from stack along slices,
+    rows and columns): float32 (D, H, W), AIR_HU outside the scanned volume. Reads only the few slices
+    of one grid plane at a time."""
+    out = np.full((len(wz), len(wr), len(wc)), AIR_HU, dtype=np.float32)
+    inside = (wr.sum(1) > 0)[:, None] & (wc.sum(1) > 0)[None, :]
+    wr32, wc32 = wr.astype(np.float32), wc.astype(np.float32).T
+    for j in range(len(wz)):
+        idx = np.flatnonzero(wz[j])
+        if not len(idx):
+            continue
+        plane = np.tensordot(wz[j, idx].astype(np.float32), stack.read(idx), axes=1)
+        out[j] = np.where(inside, wr32 @ plane @ wc32, AIR_HU)
+    return out
+
+
+def resample_labels(
+    labels: np.ndarray, n_labels: int, wz: np.ndarray, wr: np.ndarray, wc: np.ndarray
+) -> np.ndarray:
+    """Integer labels (slices, rows, cols) on a grid by the same weights: per grid voxel, the label
+    covering most of it (a weighted vote); 0 outside the scanned volume. uint8 (D, H, W)."""
+    out = np.zeros((len(wz), len(wr), len(wc)), dtype=np.uint8)
+    wr32, wc32 = wr.astype(np.float32), wc.astype(np.float32).T
+    for j in range(len(wz)):
+        idx = np.flatnonzero(wz[j])
+        if not len(idx):
+            continue
+        w = wz[j, idx].astype(np.float32)
+        votes = [
+            wr32 @ np.tensordot(w, (labels[idx] == c).astype(np.float32), 1) @ wc32 for c in range(n_labels)
+        ]
+        out[j] = np.argmax(votes, 0)
     return out

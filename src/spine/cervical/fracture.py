@@ -58,8 +58,9 @@ LINES_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 # =============================================================================================
 
 
-def study_table(paths: Paths, split: str) -> pd.DataFrame:
-    """One row per study of ``split`` in the crop manifest: its 7 vertebra rows gathered as lists.
+def study_table(paths: Paths, split: str, listed=()) -> pd.DataFrame:
+    """One row per study of ``split`` in the crop manifest (and per study of ``listed`` missing from it:
+    nothing found, reason "no crop manifest row"): its 7 vertebra rows gathered as lists.
 
     Columns: study_id, split, found (7 bools), reason (7 strings), box_depth (7 lists or None),
     has_boxes; for train also y (8 labels in TARGETS order, NaN where missing).
@@ -68,8 +69,12 @@ def study_table(paths: Paths, split: str) -> pd.DataFrame:
     m = manifest[manifest["split"] == split].copy()
     m["study_id"] = m["study_id"].astype(str)
     m = m.sort_values(["study_id", "array_index"])
+    groups = dict(list(m.groupby("study_id", sort=False)))
+    missing = [str(s) for s in dict.fromkeys(listed) if str(s) not in groups]
+    if missing:
+        log.warning("%d %s studies have no crop manifest row; their rows get the prior", len(missing), split)
     rows = []
-    for study, g in m.groupby("study_id", sort=False):
+    for study, g in [*groups.items(), *((s, m.iloc[:0]) for s in missing)]:
         g = g.set_index("vertebra").reindex(VERTEBRAE)
         rows.append(
             {
@@ -92,9 +97,10 @@ def study_table(paths: Paths, split: str) -> pd.DataFrame:
 
 def check_crops(paths: Paths, studies: pd.DataFrame, cfg) -> None:
     """An error when the stage-03 arrays were made with other crop settings than ``cfg.crop``."""
-    if not len(studies):
+    seen = studies[[bool(np.any(f)) for f in studies["found"]]]  # a study without crops may have no array
+    if not len(seen):
         return
-    r = studies.iloc[0]
+    r = seen.iloc[0]
     shape = np.load(paths.crop_array(r["split"], r["study_id"], VIEW), mmap_mode="r").shape
     want = (len(VERTEBRAE), int(cfg.crop.depth), int(cfg.crop.pixels), int(cfg.crop.pixels))
     if tuple(shape) != want:
@@ -267,10 +273,19 @@ class StudyLoss:
 # =============================================================================================
 
 
-@torch.no_grad()
 def predict_studies(model, paths: Paths, studies: pd.DataFrame, tc, device) -> np.ndarray:
     """(n studies, 8) probabilities in TARGETS order; NaN for a vertebra not found and for
-    patient_overall of a study with no vertebra found. Each rank predicts a shard under DDP."""
+    patient_overall of a study with no vertebra found (such a study is not even read: it may have no
+    crop array). Each rank predicts a shard under DDP."""
+    seen = np.array([bool(np.any(f)) for f in studies["found"]], dtype=bool)
+    probs = np.full((len(studies), len(TARGETS)), np.nan)
+    if seen.any():
+        probs[seen] = _predict_found(model, paths, studies[seen], tc, device)
+    return probs
+
+
+@torch.no_grad()
+def _predict_found(model, paths: Paths, studies: pd.DataFrame, tc, device) -> np.ndarray:
     loader = make_loader(StudyDataset(paths, studies, tc.windows, augment=False), tc, False, device)
     model.eval()
     idx, out = [], []
@@ -448,7 +463,8 @@ def predict_test(cfg) -> pd.DataFrame:
 def _predict_test(cfg) -> pd.DataFrame:
     device = dist.device_for_rank(cfg.train.device)
     paths = Paths.from_config(cfg)
-    studies = study_table(paths, "test")
+    listed = get_task("cervical").list_series(paths.data_dir, "test")["study_id"]
+    studies = study_table(paths, "test", listed)
     check_crops(paths, studies, cfg)
     probs = []
     for ckpt in predict_checkpoints(cfg, paths):
@@ -457,4 +473,12 @@ def _predict_test(cfg) -> pd.DataFrame:
         log.info("predicted %d test studies with %s", len(studies), ckpt.name)
     mean = np.mean(probs, axis=0) if len(studies) else np.zeros((0, len(TARGETS)))
     frame = long_frame(studies, mean)
+    _log_reasons(frame)
     return frame[["row_id", "study_id", "target", "fractured", "reason"]]
+
+
+def _log_reasons(frame: pd.DataFrame) -> None:
+    """Count the studies with rows the model could not predict, by reason (stage 06 gives them the prior)."""
+    bad = frame[frame["fractured"].isna()]
+    for why, n in bad.groupby("reason")["study_id"].nunique().items():
+        log.warning("%d test studies have rows without a prediction: %s", n, why)

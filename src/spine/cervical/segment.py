@@ -5,13 +5,19 @@ Targets are the ``segmentations/*.nii`` masks (only some train studies have one;
 onto the cached stack **by geometry**: every cached pixel (slice k, row r, col c) is placed in
 patient LPS mm by its slice's ImagePositionPatient / ImageOrientationPatient / PixelSpacing, turned
 into RAS (x and y negated: NIfTI affines are RAS, DICOM is LPS) and into a mask voxel through the
-inverse of the NIfTI affine (``align_mask``). No axis order is assumed.
+inverse of the NIfTI affine (``align_mask``). No axis order is assumed, but the header is checked:
+when less than ``segment.min_bone_share`` of the mask lies on bone (HU >= 200), the fixed rule that
+fits the real masks (``convention_mask``, DOMAIN.md) is tried and the better of the two kept, logged.
 
-Model (``spine.cervical.models.unet.UNet3D``): every study is resampled to a fixed grid (``segment.grid``,
-e.g. 64³ on CPU, 128³ on a GPU) with the HU windows of ``segment.windows`` as channels
-(``spine.cervical.ct``); the UNet predicts 9 classes (background, C1..C7, thoracic) over the whole volume,
-because which of the look-alike C3..C7 a vertebra is follows from counting down the neck. Loss: cross
-entropy + soft Dice; random affine and intensity augmentation per batch.
+Model (``spine.cervical.models.unet.UNet3D``): every study is resampled to a grid of fixed millimetres
+per voxel (``segment.voxel_mm``), by position, not slice index, so slice spacing and count never change
+the scale. In-plane the grid covers ``segment.field_mm`` centred on the spine (the median of the bone
+pixels); along the slices it covers the whole stack (the UNet is fully convolutional), and training
+takes random windows of ``field_mm[0]``. Channels: the HU windows of ``segment.windows``
+(``spine.cervical.ct``) and, with ``coords``, each voxel's distance in mm from the spine axis. The UNet
+predicts 9 classes (background, C1..C7, thoracic), because which of the look-alike C3..C7 a vertebra is
+follows from counting down the neck. Loss: cross entropy + soft Dice; random affine and intensity
+augmentation per batch.
 
 Folds: the shared study folds (``spine.core.folds.load_folds``); the model of fold k trains on the
 segmented studies of the other folds and predicts its own held-out segmented studies (source
@@ -28,10 +34,12 @@ largest connected component on the grid (dilated by one voxel), which drops stra
   predicted voxels, confidence = mean max-probability over its voxels, source.
 - ``paths.slice_labels`` (``SLICE_COLUMNS``): per cached slice of every study, each vertebra's
   probability of being on it (the max over the slice of its probability, within its component).
-- ``paths.localize_report``: OOF Dice per vertebra over the segmented studies, the share of studies
-  with C1..C7 all found in superior-to-inferior order, a mask alignment check (share of mask voxels on
-  bone) and, on generated data, the agreement of the slice spans with the truth folder's (read by the
-  report only, never by a prediction).
+- ``planes_path``: per study, the predicted classes on its mid-sagittal and mid-coronal planes (the
+  overlays of ``spine.cervical.viz``).
+- ``paths.localize_report``: OOF Dice and found-rate per vertebra over the segmented studies, the share
+  of studies with C1..C7 all found in superior-to-inferior order, the mask alignment check per study
+  (share of mask voxels on bone through the header, the alignment kept) and, on generated data, the
+  agreement of the slice spans with the truth folder's (read by the report only, never by a prediction).
 
 Resumable: each fold's model and predictions are marked with a fingerprint of what made them (folds,
 config, seed, cache, masks); a rerun skips current folds and retrains stale ones.
@@ -57,6 +65,7 @@ from torch.utils.data import DataLoader, Dataset
 from spine.cervical import ct
 from spine.cervical.models.unet import UNet3D
 from spine.cervical.task import VERTEBRAE
+from spine.core import geometry
 from spine.core.config import save_config
 from spine.core.folds import fold_checkpoints, fold_key, load_folds, selected_folds
 from spine.core.io import fingerprint, is_current, mark_current, save_table, save_text
@@ -88,8 +97,9 @@ VERTEBRA_COLUMNS = [
 ]
 SLICE_COLUMNS = ["study_id", "split", "series_id", "stack", "index", *VERTEBRAE, "source"]
 DICE_COLUMNS = ["fold", "overlap", "true_voxels", "raw_voxels", "raw_overlap"]  # per-fold files only
+ALIGN_COLUMNS = ["mask_alignment", "mask_bone_share", "header_bone_share"]  # per-fold files only
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-BONE_HU = 150.0  # the alignment check: mask voxels at or above this are on bone
+BONE_HU = 200.0  # bone from here up: the mask alignment check and the spine's centre
 
 
 # =============================================================================================
@@ -150,10 +160,8 @@ def align_mask(nifti: Path, geo: StackGeometry, shape: tuple[int, int, int]) -> 
     mask voxel through the inverse NIfTI affine; pixels outside the mask's extent are 0. Works for any
     axis order or flip the file was stored in, and for slices missing from the stack.
     """
-    img = nib.load(str(nifti))
-    data = np.asanyarray(img.dataobj)
-    data = data.reshape(data.shape[:3]) if data.ndim > 3 else data
-    inv = np.linalg.inv(img.affine)
+    data = _nifti_data(nifti)
+    inv = np.linalg.inv(nib.load(str(nifti)).affine)
     m, t = inv[:3, :3] @ LPS_TO_RAS, inv[:3, 3]
     origin = geo.ipp @ m.T + t  # (n, 3): each slice's first pixel, in mask voxels
     step_row = (geo.iop[:, 3:] * geo.spacing[:, :1]) @ m.T  # one row down: along the column direction
@@ -201,44 +209,158 @@ def bone_share(mask: np.ndarray, stack: ct.CTStack) -> float:
     return on / total if total else float("nan")
 
 
-# =============================================================================================
-# The model grid
-# =============================================================================================
+def convention_mask(nifti: Path, geo: StackGeometry, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """The mask by the fixed rule that fits every real RSNA 2022 mask (DOMAIN.md), ignoring the header:
+    the voxel axes are (column, row, slice), the row axis reversed, the slice axis ascending patient z.
 
-
-def grid_shape(sc) -> tuple[int, int, int]:
-    return tuple(int(s) for s in sc.grid)
-
-
-def grid_input(stack: ct.CTStack, sc) -> np.ndarray:
-    """The study resampled to the model grid, HU windows as channels: float16 (C, D, H, W)."""
-    return ct.windows(ct.resample(stack, grid_shape(sc)), list(sc.windows)).astype(np.float16)
-
-
-def grid_target(classes: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
-    """Classes on the cached stack → the model grid: per grid voxel, the class covering most of it
-    (area-weighted vote), uint8 (D, H, W). Streams one grid plane at a time."""
-    d, h, w = grid
-    weights = ct.interpolation_weights(len(classes), d)
-    inter = ct.cv2.INTER_AREA if h <= classes.shape[1] else ct.cv2.INTER_LINEAR
-    out = np.empty(grid, dtype=np.uint8)
-    for j in range(d):
-        idx = np.flatnonzero(weights[j])
-        votes = np.zeros((N_CLASSES, h, w), dtype=np.float32)
-        for c in range(N_CLASSES):
-            share = np.tensordot(
-                weights[j, idx].astype(np.float32), (classes[idx] == c).astype(np.float32), 1
-            )
-            votes[c] = ct.cv2.resize(share, (w, h), interpolation=inter)
-        out[j] = votes.argmax(0)
+    The published form sorts the DICOM files by slice number and takes ``seg[:, ::-1, ::-1]`` when
+    ImagePositionPatient z falls with the slice number, else ``seg[:, ::-1]``, then ``.transpose(2,
+    1, 0)``: both put mask slice i on the i-th lowest z, which is what this does for the cached stack
+    (whatever its order). None when the mask's shape does not match the stack (a slice missing from
+    the cache makes the rule ambiguous).
+    """
+    data = _nifti_data(nifti)
+    m = np.ascontiguousarray(data[:, ::-1].transpose(2, 1, 0))
+    if m.shape != tuple(shape):
+        return None
+    out = np.empty(shape, dtype=np.uint8)
+    out[np.argsort(geo.ipp[:, 2], kind="stable")] = m
     return out
 
 
-class GridInputs(Dataset):
-    """Per study: the model-grid input and, with ``targets``, the aligned mask on the grid (one study
-    per worker at a time; volumes are memory-mapped and read a few slices at a time)."""
+@dataclass
+class AlignedMask:
+    """A study's mask on its cached stack, how it was aligned, and the bone check of both ways."""
 
-    def __init__(self, paths: Paths, items: list[StudyItem], sc, geos: dict | None = None, targets=False):
+    labels: np.ndarray  # uint8 (slices, rows, cols) mask labels
+    method: str  # "header" (the NIfTI affine) or "convention" (the fixed rule of the real masks)
+    header_share: float  # share of mask voxels on bone when aligned through the header
+    share: float  # the same for the kept alignment
+
+
+def aligned_mask(
+    nifti: Path, geo: StackGeometry, shape: tuple[int, int, int], stack: ct.CTStack, min_share: float
+) -> AlignedMask:
+    """The mask aligned through its header; when too little of it lies on bone (< ``min_share``), the
+    real-data convention is tried too and the one with more bone kept (logged)."""
+    mask = align_mask(nifti, geo, shape)
+    share = bone_share(mask, stack)
+    if share >= min_share:
+        return AlignedMask(mask, "header", share, share)
+    alt = convention_mask(nifti, geo, shape)
+    alt_share = bone_share(alt, stack) if alt is not None else float("nan")
+    if alt is not None and (alt_share > share or np.isnan(share)):
+        log.warning(
+            "%s: %.2f of the mask on bone through its header (< segment.min_bone_share %.2f); "
+            "the real-data convention puts %.2f there: kept",
+            nifti.name, share, min_share, alt_share,
+        )  # fmt: skip
+        return AlignedMask(alt, "convention", share, alt_share)
+    log.warning(
+        "%s: %.2f of the mask on bone through its header (< segment.min_bone_share %.2f), the convention "
+        "%s: header kept; check the file",
+        nifti.name, share, min_share, "does not fit the stack" if alt is None else f"gives {alt_share:.2f}",
+    )  # fmt: skip
+    return AlignedMask(mask, "header", share, share)
+
+
+def _nifti_data(nifti: Path) -> np.ndarray:
+    """The NIfTI voxel array, 3D (a trailing singleton axis dropped), as stored."""
+    data = np.asanyarray(nib.load(str(nifti)).dataobj)
+    return data.reshape(data.shape[:3]) if data.ndim > 3 else data
+
+
+# =============================================================================================
+# The model grid: fixed millimetres per voxel, centred on the spine
+# =============================================================================================
+
+
+@dataclass
+class Field:
+    """Where the model grid lies on one cached stack. Per axis, the positions (mm) of the stack's
+    samples and of the grid's, in one frame: slices along the slice normal; rows and columns from the
+    field centre (the spine, found by HU before the model runs)."""
+
+    stack_z: np.ndarray
+    grid_z: np.ndarray
+    stack_rows: np.ndarray
+    grid_rows: np.ndarray
+    stack_cols: np.ndarray
+    grid_cols: np.ndarray
+    centre: tuple[int, int]  # (row, col) of the field centre on the stack: the overlays' planes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.grid_z), len(self.grid_rows), len(self.grid_cols)
+
+    def to_grid(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Weights (grid x stack) along slices, rows and columns."""
+        return (
+            ct.axis_weights(self.stack_z, self.grid_z),
+            ct.axis_weights(self.stack_rows, self.grid_rows),
+            ct.axis_weights(self.stack_cols, self.grid_cols),
+        )
+
+    def to_stack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Weights (stack x grid) along slices, rows and columns (zero outside the grid)."""
+        return (
+            ct.axis_weights(self.grid_z, self.stack_z),
+            ct.axis_weights(self.grid_rows, self.stack_rows),
+            ct.axis_weights(self.grid_cols, self.stack_cols),
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def spine_centre(stack: ct.CTStack, samples: int = 16) -> tuple[float, float]:
+    """(row, col) of the spine on the stack: the median of the bone pixels (HU >= BONE_HU) of a few
+    evenly spaced slices; the image centre when there is no bone."""
+    idx = np.unique(np.linspace(0, len(stack) - 1, min(samples, len(stack))).round().astype(int))
+    rows, cols = np.nonzero((stack.read(idx) >= BONE_HU).any(0))
+    if not len(rows):
+        return (stack.shape[1] - 1) / 2, (stack.shape[2] - 1) / 2
+    return float(np.median(rows)), float(np.median(cols))
+
+
+def study_field(stack: ct.CTStack, geo: StackGeometry, sc, multiple: int) -> Field:
+    """The study's grid: ``segment.voxel_mm`` (slice, row, col) per voxel; in-plane the square of
+    ``segment.field_mm[1:]`` centred on the spine; along the slices the whole scanned extent (the UNet
+    is fully convolutional there), each side a multiple of ``multiple``."""
+    vz, vy, vx = (float(v) for v in sc.voxel_mm)
+    z = geometry.slice_positions(geo.ipp, geo.iop[0])
+    d = _round_up(int(np.ceil((z.max() - z.min()) / vz)) + 1, multiple)
+    h = _round_up(round(float(sc.field_mm[1]) / vy), multiple)
+    w = _round_up(round(float(sc.field_mm[2]) / vx), multiple)
+    cr, cc = spine_centre(stack)
+    sr, scol = geo.spacing[0]
+    return Field(
+        stack_z=z,
+        grid_z=(z.max() + z.min()) / 2 + (np.arange(d) + 0.5 - d / 2) * vz,
+        stack_rows=(np.arange(stack.shape[1]) - cr) * sr,
+        grid_rows=(np.arange(h) + 0.5 - h / 2) * vy,
+        stack_cols=(np.arange(stack.shape[2]) - cc) * scol,
+        grid_cols=(np.arange(w) + 0.5 - w / 2) * vx,
+        centre=(int(round(cr)), int(round(cc))),
+    )
+
+
+def multiple_of(sc) -> int:
+    """What every grid side must be divisible by: each UNet level but the last halves it."""
+    return 2 ** (len(sc.widths) - 1)
+
+
+def grid_input(stack: ct.CTStack, field: Field, sc) -> np.ndarray:
+    """The study on its grid, HU windows as channels: float16 (C, D, H, W)."""
+    return ct.windows(ct.resample_hu(stack, *field.to_grid()), list(sc.windows)).astype(np.float16)
+
+
+class GridInputs(Dataset):
+    """Per study: its field, the grid input and, with ``targets``, the aligned mask on the grid (one
+    study at a time; volumes are memory-mapped and read a few slices at a time)."""
+
+    def __init__(self, paths: Paths, items: list[StudyItem], sc, geos: dict, targets=False):
         self.paths, self.items, self.sc, self.geos, self.targets = paths, items, sc, geos, targets
 
     def __len__(self) -> int:
@@ -247,15 +369,17 @@ class GridInputs(Dataset):
     def __getitem__(self, i: int) -> dict:
         it = self.items[i]
         stack = ct.CTStack(self.paths.cache_dir / it.path)
-        out = {"i": i, "x": grid_input(stack, self.sc)}
+        geo = self.geos[(it.study_id, it.series_id, it.stack)]
+        field = study_field(stack, geo, self.sc, multiple_of(self.sc))
+        out = {"i": i, "field": field, "x": grid_input(stack, field, self.sc)}
         if self.targets:
-            mask = align_mask(it.mask, self.geos[(it.study_id, it.series_id, it.stack)], it.shape)
-            out["y"] = grid_target(to_classes(mask), grid_shape(self.sc))
-            out["bone_share"] = bone_share(mask, stack)
+            aligned = aligned_mask(it.mask, geo, it.shape, stack, float(self.sc.min_bone_share))
+            out["y"] = ct.resample_labels(to_classes(aligned.labels), N_CLASSES, *field.to_grid())
+            out["aligned"] = aligned
         return out
 
 
-def load_grids(paths: Paths, items: list[StudyItem], sc, geos=None, targets=False):
+def load_grids(paths: Paths, items: list[StudyItem], sc, geos: dict, targets=False):
     """Yield ``GridInputs`` samples in item order, prepared by ``sc.loader_workers`` processes."""
     loader = DataLoader(
         GridInputs(paths, items, sc, geos, targets),
@@ -272,17 +396,38 @@ def _as_is(sample):
 
 
 class TrainVolumes(Dataset):
-    """Prepared (input, target) grids of the training studies, as tensors."""
+    """Prepared (input, target) grids of the training studies, as tensors of a fixed depth: the whole
+    study when it fits (padded with air at a random offset), else a random window of ``depth`` planes.
+    Each study comes ``repeats`` times per epoch (fresh augmentation each time)."""
 
-    def __init__(self, grids: list[tuple[np.ndarray, np.ndarray]]):
-        self.grids = grids
+    def __init__(self, grids, depth: int, air: np.ndarray, seed: int, repeats: int = 1):
+        self.grids, self.depth, self.air = grids, int(depth), np.asarray(air, dtype=np.float32)
+        self.repeats = max(1, int(repeats))
+        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.grids)
+        return len(self.grids) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
-        x, y = self.grids[i]
-        return {"x": torch.from_numpy(x.astype(np.float32)), "y": torch.from_numpy(y.astype(np.int64))}
+        x, y = self.grids[i % len(self.grids)]
+        d = x.shape[1]
+        xo = np.broadcast_to(self.air[:, None, None, None], (len(x), self.depth, *x.shape[2:])).copy()
+        yo = np.zeros((self.depth, *y.shape[1:]), dtype=np.int64)
+        if d >= self.depth:
+            s = int(self.rng.integers(0, d - self.depth + 1))
+            xo[:], yo[:] = x[:, s : s + self.depth], y[s : s + self.depth]
+        else:
+            s = int(self.rng.integers(0, self.depth - d + 1))
+            xo[:, s : s + d], yo[s : s + d] = x, y
+        return {"x": torch.from_numpy(xo), "y": torch.from_numpy(yo)}
+
+
+def train_depth(sc, depths=()) -> int:
+    """Grid planes of a training sample: ``segment.field_mm[0]`` at ``segment.voxel_mm[0]``, or the
+    longest of the training studies' ``depths`` when that is less (whole studies then: the model sees
+    the top of the column and counts down from it, as it does at prediction)."""
+    window = _round_up(round(float(sc.field_mm[0]) / float(sc.voxel_mm[0])), multiple_of(sc))
+    return min(window, _round_up(max(depths), multiple_of(sc))) if len(depths) else window
 
 
 # =============================================================================================
@@ -291,13 +436,20 @@ class TrainVolumes(Dataset):
 
 
 def build_model(sc) -> UNet3D:
-    return UNet3D(len(sc.windows), N_CLASSES, tuple(sc.widths), coords=bool(sc.coords))
+    """The segmenter of ``segment``: HU windows in, C1..C7 + thoracic + background out."""
+    coord_mm = tuple(sc.voxel_mm[1:]) if sc.coords else None
+    return UNet3D(len(sc.windows), N_CLASSES, tuple(sc.widths), coord_mm=coord_mm)
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, sc, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random rotation (each axis), scale and shift of a batch (one affine per volume; labels nearest),
-    then a random intensity gain and offset. No flips: the slice axis runs inferior → superior."""
+    a left-right mirror of half the volumes (with ``flip``: the neck is near symmetric), then a random
+    intensity gain and offset. No flip along the slices (they run inferior → superior) or rows."""
     b = len(x)
+    if sc.get("flip", False):
+        mirror = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None, None], x.flip(-1), x)
+        y = torch.where(mirror[:, None, None, None], y.flip(-1), y)
 
     def uniform(*shape, scale=1.0):
         return (torch.rand(*shape, generator=gen) * 2 - 1) * scale
@@ -351,13 +503,17 @@ class SegLoss:
 
 
 @torch.no_grad()
-def predict_grid(models: list, x: np.ndarray, device, amp: bool) -> torch.Tensor:
-    """Mean over ``models`` of the class probabilities on the grid: float32 (classes, D, H, W) on device."""
+def predict_grid(models: list, x: np.ndarray, device, amp: bool, flip: bool = False) -> torch.Tensor:
+    """Mean over ``models`` (and, with ``flip``, over the volume and its left-right mirror) of the class
+    probabilities on the grid: float32 (classes, D, H, W) on device."""
     xt = torch.from_numpy(np.asarray(x, dtype=np.float32))[None].to(device)
+    if flip:  # the volume and its left-right mirror in one batch of two (on CPU also a faster path)
+        xt = torch.cat([xt, xt.flip(-1)])
     total = None
     for model in models:
         with autocast(device, amp):
-            p = model(xt).float().softmax(1)[0]
+            p = model(xt).float().softmax(1)
+        p = (p[0] + p[1].flip(-1)) / 2 if flip else p[0]
         total = p if total is None else total + p
     return total / len(models)
 
@@ -382,11 +538,6 @@ def kept_components(probs: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(keep).to(probs.device)
 
 
-def nearest_index(n_out: int, n_in: int) -> np.ndarray:
-    """For each of n_out cells, the nearest of n_in cells spanning the same extent (centres kept)."""
-    return np.clip(np.floor((np.arange(n_out) + 0.5) * n_in / n_out), 0, n_in - 1).astype(np.int64)
-
-
 @dataclass
 class Reduced:
     """One study's prediction on its cached stack, per slice and vertebra (index 0 = C1)."""
@@ -396,6 +547,8 @@ class Reduced:
     rows: np.ndarray  # (7, 2) min, max row
     cols: np.ndarray  # (7, 2) min, max col
     slice_prob: np.ndarray  # (slices, 7)
+    sagittal: np.ndarray  # (slices, rows) predicted classes on the column through the field centre
+    coronal: np.ndarray  # (slices, cols) the same on the row through the field centre
     overlap: np.ndarray | None = None  # (7,) voxels predicted and true (with a truth mask)
     true_voxels: np.ndarray | None = None  # (7,)
     raw_voxels: np.ndarray | None = None  # (7,) the same before the HU refinement
@@ -408,15 +561,17 @@ REFINE_MIN_FOREGROUND = 0.25  # HU refinement: bone voxels where the vertebrae's
 @torch.no_grad()
 def reduce_to_stack(
     probs: torch.Tensor,
+    field: Field,
     shape,
     chunk: int,
     truth: np.ndarray | None = None,
     stack: ct.CTStack | None = None,
     refine_hu: float | None = None,
 ) -> Reduced:
-    """Interpolate grid probabilities back to the cached stack ``shape`` (a few slices at a time), label
-    every voxel by its most likely class within the kept components, and gather the per-slice and
-    per-vertebra figures (and the overlap with ``truth`` classes, for Dice).
+    """Interpolate grid probabilities back to the cached stack ``shape`` through the study's ``field``
+    (a few slices at a time; zero outside the grid), label every voxel by its most likely class within
+    the kept components, and gather the per-slice and per-vertebra figures (and the overlap with
+    ``truth`` classes, for Dice).
 
     With ``refine_hu`` (and the study's ``stack``), boundaries come from the full-resolution image
     instead of the coarse grid: a voxel is vertebra when its HU is at least ``refine_hu`` and the
@@ -427,14 +582,14 @@ def reduce_to_stack(
     dev = probs.device
     nv = len(VERTEBRAE)
     d = probs.shape[1]
-    wz = torch.from_numpy(ct.interpolation_weights(d, n).astype(np.float32)).to(dev)  # (n, d)
+    wz, wr, wc = (torch.from_numpy(w.astype(np.float32)).to(dev) for w in field.to_stack())
     keep = kept_components(probs)
-    jz = torch.from_numpy(nearest_index(n, d)).to(dev)
-    iy = torch.from_numpy(nearest_index(rows, probs.shape[2])).to(dev)
-    ix = torch.from_numpy(nearest_index(cols, probs.shape[3])).to(dev)
+    jz, iy, ix = wz.argmax(1), wr.argmax(1), wc.argmax(1)  # the nearest grid cell (weights peak there)
     flat = probs.reshape(N_CLASSES, d, -1).permute(1, 0, 2).reshape(d, -1)  # (d, classes*h*w)
     counts = np.zeros((n, nv), dtype=np.int64)
     slice_prob = np.zeros((n, nv), dtype=np.float32)
+    sagittal, coronal = np.zeros((n, rows), dtype=np.uint8), np.zeros((n, cols), dtype=np.uint8)
+    cr, cc = field.centre
     conf = np.zeros(nv)
     rmin, rmax = np.full(nv, rows), np.full(nv, -1)
     cmin, cmax = np.full(nv, cols), np.full(nv, -1)
@@ -446,7 +601,7 @@ def reduce_to_stack(
     for k0 in range(0, n, chunk):
         k1 = min(n, k0 + chunk)
         p = (wz[k0:k1] @ flat).reshape(k1 - k0, N_CLASSES, *probs.shape[2:])
-        p = F.interpolate(p, size=(rows, cols), mode="bilinear", align_corners=False)  # (s, classes, R, C)
+        p = wr @ p @ wc.T  # (s, classes, R, C); zero outside the grid: background there
         kp = keep[:, jz[k0:k1]][:, :, iy][:, :, :, ix].permute(1, 0, 2, 3)  # (s, classes, R, C)
         p = p * kp
         maxp, lab = p.max(1)
@@ -454,7 +609,9 @@ def reduce_to_stack(
         if refine:
             hu = torch.from_numpy(stack.read(slice(k0, k1))).to(dev)
             bone = (hu >= refine_hu) & (p[:, 1:].sum(1) >= REFINE_MIN_FOREGROUND)
-            lab = torch.where(bone, p[:, 1:].argmax(1) + 1, torch.zeros_like(lab))
+            lab = torch.where(bone, p[:, 1:].max(1).indices + 1, torch.zeros_like(lab))  # max: argmax(1) is ~10x slower
+        sagittal[k0:k1] = lab[:, :, cc].cpu().numpy()
+        coronal[k0:k1] = lab[:, cr, :].cpu().numpy()
         onehot = lab[:, None] == classes  # (s, 7, R, C)
         counts[k0:k1] = onehot.sum((2, 3)).cpu().numpy()
         slice_prob[k0:k1] = p[:, 1 : nv + 1].amax((2, 3)).cpu().numpy()
@@ -478,6 +635,8 @@ def reduce_to_stack(
         np.stack([rmin, rmax], 1),
         np.stack([cmin, cmax], 1),
         slice_prob,
+        sagittal,
+        coronal,
         *((overlap, true_vox, raw_vox, raw_overlap) if truth is not None else (None,) * 4),
     )
 
@@ -539,29 +698,53 @@ def slice_rows(item: StudyItem, red: Reduced, source: str) -> pd.DataFrame:
     return df[SLICE_COLUMNS]
 
 
+def planes_path(paths: Paths, study_id) -> Path:
+    """The study's predicted classes on its mid-sagittal and mid-coronal planes (read by the overlays)."""
+    return paths.localize_dir / "planes" / f"{study_id}.npz"
+
+
 def predict_studies(
-    paths: Paths, items: list[StudyItem], models: list, sc, source: str, geos=None, device=None
+    paths: Paths, items: list[StudyItem], models: list, sc, source: str, geos: dict, score=False, device=None
 ) -> tuple[list[dict], list[pd.DataFrame]]:
-    """Vertebra rows and slice tables of ``items`` from the mean of ``models``. With ``geos``, a study
-    with a mask is also scored against it (overlap, true_voxels for Dice)."""
+    """Vertebra rows and slice tables of ``items`` from the mean of ``models``; each study's mid planes
+    saved for the overlays. With ``score``, a study with a mask is also scored against it (overlap and
+    true_voxels for Dice, and how its mask was aligned)."""
     device = device or resolve_device(sc.device)
     readable = [it for it in items if it.path is not None]
     rows, slices = [], []
     for it in items:
         if it.path is None:
             rows += vertebra_rows(it, None, source, sc.min_voxels)
-    for sample in load_grids(paths, readable, sc):
-        it = readable[sample["i"]]
-        probs = predict_grid(models, sample["x"], device, sc.amp)
-        truth = None
-        if geos is not None and it.mask is not None:
-            geo = geos[(it.study_id, it.series_id, it.stack)]
-            truth = to_classes(align_mask(it.mask, geo, it.shape))
+    for sample in load_grids(paths, readable, sc, geos):
+        it, field = readable[sample["i"]], sample["field"]
+        probs = predict_grid(models, sample["x"], device, sc.amp, bool(sc.flip))
         stack = ct.CTStack(paths.cache_dir / it.path)
-        red = reduce_to_stack(probs, it.shape, int(sc.chunk_slices), truth, stack, sc.refine_hu)
-        rows += vertebra_rows(it, red, source, sc.min_voxels)
+        aligned = None
+        if score and it.mask is not None:
+            geo = geos[(it.study_id, it.series_id, it.stack)]
+            aligned = aligned_mask(it.mask, geo, it.shape, stack, float(sc.min_bone_share))
+        truth = to_classes(aligned.labels) if aligned is not None else None
+        red = reduce_to_stack(probs, field, it.shape, int(sc.chunk_slices), truth, stack, sc.refine_hu)
+        study_rows = vertebra_rows(it, red, source, sc.min_voxels)
+        if aligned is not None:
+            for r in study_rows:
+                r.update(
+                    mask_alignment=aligned.method,
+                    mask_bone_share=round(aligned.share, 4),
+                    header_bone_share=round(aligned.header_share, 4),
+                )
+        rows += study_rows
         slices.append(slice_rows(it, red, source))
+        save_planes(planes_path(paths, it.study_id), red, field)
     return rows, slices
+
+
+def save_planes(path: Path, red: Reduced, field: Field) -> None:
+    """The mid planes of a prediction (uint8 classes) and where they lie on the stack, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, sagittal=red.sagittal, coronal=red.coronal, centre=np.array(field.centre))
+    tmp.replace(path)
 
 
 # =============================================================================================
@@ -592,21 +775,30 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
         need = [it for it in train if it.study_id not in grids]
         for sample in load_grids(paths, need, sc, geos, targets=True):
             it = need[sample["i"]]
-            grids[it.study_id] = (sample["x"], sample["y"], sample["bone_share"])
-        data = TrainVolumes([grids[it.study_id][:2] for it in train])
-        # full batches only (when there are enough studies): a batch of one volume takes the slow
-        # convolution path on CPU; the shuffle still reaches every study across epochs
-        batch = int(sc.batch)
-        loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=0, drop_last=len(data) > batch)
-        settings = TrainSettings.from_config(sc, cfg.seed + fold)
-        return fit(model, loader, SegLoss(sc, cfg.seed + fold), settings, ckpt, device, f"fold {fold}")
+            grids[it.study_id] = (sample["x"], sample["y"])
+        volumes = [grids[it.study_id] for it in train]
+        return train_segmenter(model, volumes, sc, cfg.seed + fold, ckpt, device, f"fold {fold}")
 
     model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
-    rows, slices = predict_studies(paths, held, [model], sc, "oof", geos, device)
-    table = pd.DataFrame(rows).reindex(columns=VERTEBRA_COLUMNS + DICE_COLUMNS[1:]).assign(fold=fold)
+    rows, slices = predict_studies(paths, held, [model], sc, "oof", geos, score=True, device=device)
+    columns = VERTEBRA_COLUMNS + DICE_COLUMNS[1:] + ALIGN_COLUMNS
+    table = pd.DataFrame(rows).reindex(columns=columns).assign(fold=fold)
     save_table(paths.segmenter_slices(fold), _concat(slices))
     save_table(paths.segmenter_predictions(fold), table)
     mark_current(paths.segmenter_predictions(fold), key)
+
+
+def train_segmenter(model, volumes: list, sc, seed: int, ckpt: Path, device, desc: str = "train"):
+    """Fit ``model`` on prepared (input, target) grids; returns ``fit``'s (model, history)."""
+    air = ct.windows(np.array([ct.AIR_HU]), list(sc.windows))[:, 0]
+    depth = train_depth(sc, [x.shape[1] for x, _ in volumes])
+    data = TrainVolumes(volumes, depth, air, seed, int(sc.repeats))
+    # full batches only (when there are enough studies): a batch of one volume takes the slow
+    # convolution path on CPU; the shuffle still reaches every study across epochs
+    batch = int(sc.batch)
+    loader = DataLoader(data, batch_size=batch, shuffle=True, num_workers=0, drop_last=len(data) > batch)
+    settings = TrainSettings.from_config(sc, seed)
+    return fit(model, loader, SegLoss(sc, seed), settings, ckpt, device, desc)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -657,7 +849,7 @@ def _run_segment(cfg) -> dict:
         others = [it for it in items if it.study_id not in set(oof["study_id"])]
         device = resolve_device(sc.device)
         models = load_models(cfg, paths, folds, device)
-        rows, slices = predict_studies(paths, others, models, sc, "fold_mean", device=device)
+        rows, slices = predict_studies(paths, others, models, sc, "fold_mean", geos, device=device)
         save_table(paths.segmenter_mean_slices, _concat(slices))
         save_table(paths.segmenter_mean_predictions, pd.DataFrame(rows))
         mark_current(paths.segmenter_mean_predictions, mean_key)
@@ -670,7 +862,7 @@ def _run_segment(cfg) -> dict:
     )
     save_table(paths.vertebrae, vert[VERTEBRA_COLUMNS])
     save_table(paths.slice_labels, slices.sort_values(["split", "study_id", "index"], ignore_index=True))
-    report = segment_report(paths, vert, geos, grids)
+    report = segment_report(paths, vert, geos)
     report.update(folds=folds, folds_trained=trained, seconds=round(time.perf_counter() - start, 1))
     save_text(paths.localize_report, json.dumps(report, indent=2))
     save_config(cfg, paths.localize_dir)
@@ -691,14 +883,38 @@ def order_rows(vert: pd.DataFrame) -> pd.DataFrame:
 
 
 def dice_report(oof: pd.DataFrame, overlap: str = "overlap", voxels: str = "voxels") -> dict:
-    """Dice per vertebra over the OOF studies (mean over the studies whose mask has it)."""
+    """Per vertebra over the OOF studies whose mask has it: mean Dice, and the share of them where the
+    vertebra was found (at least ``segment.min_voxels`` predicted voxels)."""
     oof = oof[oof["true_voxels"] > 0]
     dice = 2 * oof[overlap] / (oof[voxels] + oof["true_voxels"])
     per = dice.groupby(oof["vertebra"]).mean()
+    found = oof["found"].astype(bool).groupby(oof["vertebra"]).mean()
     return {
         "studies": int(oof["study_id"].nunique()),
         "mean": round(float(per.mean()), 4) if len(per) else None,
         "per_vertebra": {v: round(float(per[v]), 4) for v in VERTEBRAE if v in per},
+        "found_rate": {v: round(float(found[v]), 3) for v in VERTEBRAE if v in found},
+    }
+
+
+def alignment_report(oof: pd.DataFrame) -> dict | None:
+    """Per segmented study: the share of its mask on bone through the header, the alignment kept and
+    its share; and how many studies took the real-data convention instead of the header."""
+    if "mask_alignment" not in oof or not oof["mask_alignment"].notna().any():
+        return None
+    per = oof.dropna(subset=["mask_alignment"]).drop_duplicates("study_id").set_index("study_id")
+    return {
+        "studies": int(len(per)),
+        "convention_used": int((per["mask_alignment"] == "convention").sum()),
+        "min_share_kept": round(float(per["mask_bone_share"].min()), 3),
+        "per_study": {
+            s: {
+                "header": _number(r.header_bone_share),
+                "kept": r.mask_alignment,
+                "share": _number(r.mask_bone_share),
+            }
+            for s, r in per.iterrows()
+        },
     }
 
 
@@ -754,8 +970,14 @@ def truth_agreement(paths: Paths, vert: pd.DataFrame, geos: dict) -> dict | None
     }
 
 
-def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict, grids: dict) -> dict:
-    """OOF Dice, found/in-order shares per source, the alignment check, truth agreement."""
+def _number(x) -> float | None:
+    """A float for the JSON report; None for NaN (a mask that lands on no cached voxel)."""
+    return None if pd.isna(x) else float(x)
+
+
+def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict) -> dict:
+    """OOF Dice and found-rate per vertebra, found/in-order shares per source, the mask alignment check,
+    truth agreement."""
     order = in_order(vert, geos)
     per_source = {}
     for src, g in vert.groupby("source"):
@@ -764,8 +986,11 @@ def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict, grids: dict) ->
             "studies": int(len(studies)),
             "all_found": round(float(g.groupby("study_id")["found"].all().mean()), 3),
             "in_order": round(float(order.reindex(studies).fillna(False).mean()), 3),
+            "found_rate": {
+                v: round(float(f), 3)
+                for v, f in g["found"].astype(bool).groupby(g["vertebra"]).mean().items()
+            },
         }
-    bone = [g[2] for g in grids.values()]
     oof = vert[vert["source"] == "oof"] if "overlap" in vert else None
     return {
         "dice_oof": dice_report(oof) if oof is not None else None,
@@ -774,15 +999,7 @@ def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict, grids: dict) ->
         ),
         "studies": per_source,
         "in_order_all": round(float(order.mean()), 3),
-        "mask_bone_share": (
-            {
-                "studies": len(bone),
-                "min": round(float(np.min(bone)), 3),
-                "mean": round(float(np.mean(bone)), 3),
-            }
-            if bone
-            else None
-        ),
+        "mask_alignment": alignment_report(oof) if oof is not None else None,
         "truth_agreement": truth_agreement(paths, vert, geos),
     }
 
@@ -794,6 +1011,10 @@ def _summary(report: dict) -> dict:
     out["oof dice mean"] = dice.get("mean")
     out["oof dice mean, grid only"] = (report.get("dice_oof_grid_only") or {}).get("mean")
     out.update({f"oof dice {v}": d for v, d in (dice.get("per_vertebra") or {}).items()})
+    out.update({f"oof found {v}": f for v, f in (dice.get("found_rate") or {}).items()})
+    align = report.get("mask_alignment") or {}
+    out["masks on bone, min share"] = align.get("min_share_kept")
+    out["masks aligned by convention"] = align.get("convention_used")
     for src, s in report["studies"].items():
         out[f"{src} studies"] = s["studies"]
         out[f"{src} in order"] = s["in_order"]
@@ -823,7 +1044,7 @@ def _predict_test(cfg) -> dict:
     device = resolve_device(sc.device)
     items = study_items(paths, splits=("test",))
     models = load_models(cfg, paths, selected_folds(cfg, cfg.segment), device)
-    rows, slices = predict_studies(paths, items, models, sc, "test_mean", device=device)
+    rows, slices = predict_studies(paths, items, models, sc, "test_mean", geometries(paths), device=device)
     vert = order_rows(pd.DataFrame(rows, columns=VERTEBRA_COLUMNS))
     save_table(paths.vertebrae, vert)
     save_table(paths.slice_labels, _concat(slices))

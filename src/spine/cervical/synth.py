@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 
 from spine.cervical.task import TARGETS, TRAIN_COLUMNS, VERTEBRAE, CervicalTask
 from spine.core import geometry
@@ -42,11 +43,12 @@ BLOCK_LEN_PROBS = (0.6, 0.3, 0.1)  # 1, 2 or 3 adjacent fractured vertebrae
 START_WEIGHTS = (0.10, 0.23, 0.01, 0.055, 0.065, 0.13, 0.41)
 
 # --- phantom -----------------------------------------------------------------------------------
-NAMES = [*VERTEBRAE, "T1", "T2", "T3"]  # mask labels 1..10 (the real masks use 8..19 for T1..T12)
-HU_AIR, HU_FAT, HU_SOFT, HU_CSF, HU_DISC = -1000.0, -100.0, 40.0, 20.0, 80.0
-# (LR half-width a, AP half-depth b, half-height h, disc gap above) in mm, before per-study jitter
+NAMES = [*VERTEBRAE, *(f"T{i}" for i in range(1, 13))]  # mask labels 1..19 as real (T1..T12 = 8..19)
+HU_AIR, HU_FAT, HU_SOFT, HU_CSF, HU_DISC, HU_BRAIN = -1000.0, -100.0, 40.0, 20.0, 80.0, 35.0
+# (LR half-width a, AP half-depth b, half-height h, disc gap above) in mm, before per-study jitter.
+# C2's body is 24 mm tall; with its dens (~12 mm above the body) it is the tallest, ~36 mm.
 BODY_DIMS = {
-    "C2": (9.0, 8.0, 7.5, 0.0),
+    "C2": (9.0, 8.0, 12.0, 0.0),
     "C3": (8.5, 7.5, 6.5, 4.5),
     "C4": (9.0, 7.5, 6.5, 5.0),
     "C5": (9.5, 8.0, 6.5, 5.0),
@@ -55,16 +57,49 @@ BODY_DIMS = {
     "T1": (12.0, 9.0, 8.0, 5.0),
     "T2": (12.5, 10.0, 8.5, 5.0),
     "T3": (13.0, 11.0, 9.0, 5.0),
+    "T4": (13.5, 11.5, 9.0, 5.0),
+    "T5": (14.0, 12.0, 9.5, 5.0),
+    "T6": (14.5, 12.5, 9.5, 5.0),
+    "T7": (15.0, 13.0, 10.0, 5.0),
+    "T8": (15.5, 13.5, 10.0, 5.5),
+    "T9": (16.0, 14.0, 10.5, 5.5),
+    "T10": (17.0, 14.5, 11.0, 5.5),
+    "T11": (18.0, 15.0, 11.5, 6.0),
+    "T12": (19.0, 15.5, 12.0, 6.0),
 }
-SPINOUS_LEN = {"C2": 14.0, "C7": 20.0, "T1": 22.0, "T2": 22.0, "T3": 22.0}  # others 11 mm
-STORAGES = {  # name -> (dtype, RescaleIntercept); HU = stored * 1 + intercept
-    "uint16_m1024": (np.uint16, -1024.0),
-    "int16_0": (np.int16, 0.0),
-    "int16_m1024": (np.int16, -1024.0),
+SPINOUS_LEN = {"C2": 14.0, "C7": 20.0}  # thoracic 22 mm, other cervical 11 mm
+# name -> (dtype, RescaleIntercept); HU = stored * 1 + intercept. Stored values fit 12 bits (BitsStored
+# 12, as scanners write): 0..4095 unsigned, -2048..2047 signed, so each storage clips HU to its own range.
+STORAGES = {
+    "uint16_m1024": (np.uint16, -1024.0),  # HU -1024..3071
+    "int16_0": (np.int16, 0.0),  # HU -1024..2047
+    "int16_m1024": (np.int16, -1024.0),  # HU -1024..1023: the densest bone saturates, as on such scanners
 }
 SPECIAL_SYNTAXES = ("rle", "j2k", "implicit")  # the rest of the studies are explicit VR LE
-DEFAULT_IMAGE_SIZE = 128
-DEFAULT_SLICES = (80, 100)  # demo: slices per study drawn in this range
+MASK_SHARE = 87 / 2019  # train studies with a segmentation mask on the real data
+MIN_MASKS = 3  # even a tiny train split gets a few masks, so a segmenter can be trained on it
+BAD_AFFINE_SHARE = 0.1  # masks whose NIfTI header is an identity affine (at least one when >= 3 masks)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """How studies are acquired: the generator's defaults are the real data's ranges.
+
+    Each study draws its in-plane field of view, slice spacing and how far the scan reaches beyond the
+    cervical spine (skull base above C1, upper thorax below C7) from these ranges; the slice count follows
+    (about 200 to over 1,000 slices at the defaults). ``n_slices`` fixes the count instead (tests): the
+    scan then spans C1 to T1 only, whatever spacing that gives.
+    """
+
+    image_size: int = 512
+    fov_mm: tuple[float, float] = (140.0, 220.0)  # in-plane field of view: 0.27-0.43 mm pixels at 512
+    slice_spacing_mm: tuple[float, float] = (0.5, 1.25)
+    above_c1_mm: tuple[float, float] = (20.0, 90.0)  # scanned above C1's top (skull base, posterior fossa)
+    below_c7_mm: tuple[float, float] = (40.0, 150.0)  # scanned below C7's bottom (T1.. upper thorax)
+    n_slices: int | None = None
+
+
+NARROW_ABOVE_MM, NARROW_BELOW_MM = (3.0, 10.0), (5.0, 20.0)  # the scan of ``Scan.n_slices``: C1 to T1
 
 
 # =============================================================================================
@@ -155,6 +190,8 @@ class StudyPlan:
     missing: bool = False  # listed in test.csv, no images folder
     corrupt_at: float | None = None  # fraction along the instances of the one file to truncate
     segmented: bool = False
+    honest_affine: bool = True  # False: the mask's NIfTI header is an identity affine (a header quirk)
+    monochrome1: bool = False  # PhotometricInterpretation MONOCHROME1; stored values (so HU) unchanged
     boxes: bool = False
 
 
@@ -165,7 +202,8 @@ def _balanced(rng: np.random.Generator, values, n: int) -> list:
 
 
 def _assign_quirks(rng: np.random.Generator, plans: list[StudyPlan]) -> None:
-    """Instance order, pixel storage, transfer syntax, a missing study (test) and one corrupt file."""
+    """Instance order, pixel storage, transfer syntax, a missing study (test), one corrupt file and one
+    MONOCHROME1 series (an explicit-syntax study other than the corrupt one, when there is one)."""
     n = len(plans)
     if n == 0:
         return
@@ -181,12 +219,19 @@ def _assign_quirks(rng: np.random.Generator, plans: list[StudyPlan]) -> None:
     for j, i in enumerate(rng.choice(len(readable), n_special, replace=False)):
         readable[i].syntax = SPECIAL_SYNTAXES[j % len(SPECIAL_SYNTAXES)]
     readable[int(rng.integers(len(readable)))].corrupt_at = float(rng.uniform(0.25, 0.75))
+    plain = [p for p in readable if p.syntax == "explicit" and p.corrupt_at is None] or readable
+    plain[int(rng.integers(len(plain)))].monochrome1 = True
 
 
-def _assign_train_extras(rng: np.random.Generator, plans: list[StudyPlan]) -> None:
-    """Segmentation masks (~30 %, at least 3) and bounding boxes (~half of the studies with a cleft).
+def n_masks(n_train: int, mask_share: float) -> int:
+    """Train studies that get a segmentation mask: the share, but at least MIN_MASKS (or all of them)."""
+    return min(n_train, max(MIN_MASKS, round(mask_share * n_train)))
 
-    A study with a visible fracture is put first in both, so even tiny data sets hold one.
+
+def _assign_train_extras(rng: np.random.Generator, plans: list[StudyPlan], mask_share: float) -> None:
+    """Segmentation masks (``n_masks``; a few with an identity affine) and bounding boxes (~half of the
+    studies with a cleft). A study with a visible fracture is put first in both, so even tiny data sets
+    hold one; the identity-affine masks are drawn among the others.
     """
     n = len(plans)
     if n == 0:
@@ -194,15 +239,19 @@ def _assign_train_extras(rng: np.random.Generator, plans: list[StudyPlan]) -> No
     shown = [i for i, p in enumerate(plans) if p.visible]
     first = [int(rng.choice(shown))] if shown else []
     rest = [int(i) for i in rng.permutation(n) if i not in first]
-    for i in (first + rest)[: min(n, max(3, round(0.3 * n)))]:
+    masked = (first + rest)[: n_masks(n, mask_share)]
+    for i in masked:
         plans[i].segmented = True
+    n_bad = max(1, round(BAD_AFFINE_SHARE * len(masked))) if len(masked) >= 3 else 0
+    for i in masked[len(masked) - n_bad :]:
+        plans[i].honest_affine = False
     for i in shown:
         plans[i].boxes = bool(rng.random() < 0.5)
     if shown and not any(plans[i].boxes for i in shown):
         plans[first[0]].boxes = True
 
 
-def plan_studies(seed: int, n_train: int, n_test: int) -> list[StudyPlan]:
+def plan_studies(seed: int, n_train: int, n_test: int, mask_share: float = MASK_SHARE) -> list[StudyPlan]:
     """Labels, UIDs and quirks of every study, deterministic for ``seed``."""
     rng = np.random.default_rng([seed, 0])
     numbers = rng.choice(90000, n_train + n_test, replace=False) + 10000  # 5 digits, like the real ones
@@ -215,7 +264,7 @@ def plan_studies(seed: int, n_train: int, n_test: int) -> list[StudyPlan]:
         ]
         _assign_quirks(rng, split_plans)
         if split == "train":
-            _assign_train_extras(rng, split_plans)
+            _assign_train_extras(rng, split_plans, mask_share)
         plans += split_plans
     return plans
 
@@ -266,6 +315,7 @@ class Anatomy:
     hu: dict[str, float]
     noise: float
     axis: dict[str, float]
+    head: dict[str, float]  # skull base above C1: foramen magnum, occipital condyles, cranium
 
 
 def _axis_xy(axis: dict[str, float], z) -> tuple[np.ndarray, np.ndarray]:
@@ -293,12 +343,12 @@ def _atlas_dims(rng, s: float) -> dict[str, float]:
         "ri_lr": 14.0 * j(),
         "ri_ap": 14.0 * j(),
         "ring": 4.0 * j(),
-        "ring_h": 3.5 * j(),
+        "ring_h": 3.5 * j(),  # the arches: 7 mm tall
         "lm_u": 14.5 * j(),
         "lm_v": -3.0 * j(),
         "lm_ru": 5.5 * j(),
         "lm_rv": 8.0 * j(),
-        "lm_h": 6.5 * j(),
+        "lm_h": 5.0 * j(),  # the lateral masses: C1 is ~10 mm tall
         "tp": 10.0 * j(),
         "shell": 1.5,
     }
@@ -317,7 +367,7 @@ def _typical_dims(rng, name: str, s: float) -> dict[str, float]:
         "rc_lr": (11.0 if cervical else 8.0) * j(),
         "rc_ap": 7.0 * j(),
         "th": 3.5 * j(),
-        "spin": SPINOUS_LEN.get(name, 11.0) * j(),
+        "spin": SPINOUS_LEN.get(name, 11.0 if cervical else 22.0) * j(),
         "tp": (9.0 if cervical else 14.0) * j(),
     }
     d["ha"] = 0.6 * d["h"]
@@ -335,8 +385,8 @@ def _stack_vertebrae(rng, s: float) -> list[tuple[str, float, dict[str, float]]]
     for name in NAMES[1:]:
         d = _typical_dims(rng, name, s)
         top -= d["gap"]
-        if name == "C2":
-            d["dens_len"] = atlas["ring_h"] + 0.5 - top  # dens tip level with the top of C1's ring
+        if name == "C2":  # the dens tip rises just above C1's anterior arch
+            d["dens_len"] = atlas["ring_h"] + 2.0 - top
         out.append((name, top - d["h"], d))
         top -= 2 * d["h"]
     return out
@@ -380,14 +430,12 @@ def _reach(name: str, d: dict[str, float]) -> float:
     return d["h"] + d["gap"] + d.get("dens_len", 0.0) + 16.0
 
 
-def build_anatomy(
-    rng: np.random.Generator, plan: StudyPlan, image_size: int | None, n_slices: int | None
-) -> Anatomy:
-    """Random anatomy and slice geometry of one study (jittered sizes, position, curvature)."""
-    size = int(image_size or DEFAULT_IMAGE_SIZE)
+def build_anatomy(rng: np.random.Generator, plan: StudyPlan, scan: Scan) -> Anatomy:
+    """Random anatomy and scan geometry of one study (jittered sizes, position, curvature, spacing)."""
+    size = int(scan.image_size)
     # clefts get their own stream, so the rest of the anatomy does not depend on the labels at all
     cleft_rng = np.random.default_rng(rng.integers(2**63))
-    spacing = rng.uniform(150.0, 175.0) / size
+    spacing = rng.uniform(*scan.fov_mm) / size
     s = float(np.clip(rng.normal(1.0, 0.05), 0.9, 1.1))
     stack = _stack_vertebrae(rng, s)
     z_off = rng.uniform(-150.0, 150.0)  # table position
@@ -418,7 +466,7 @@ def build_anatomy(
         if name in VERTEBRAE and VERTEBRAE.index(name) in plan.visible:
             v.cleft = _make_cleft(cleft_rng, name, d, spacing)
         verts.append(v)
-    z_asc = _slice_heights(rng, verts, n_slices)
+    z_asc = _slice_heights(rng, verts, scan)
     neck = {
         "cx": rng.uniform(-3, 3),
         "cy": rng.uniform(-2, 4),
@@ -431,16 +479,47 @@ def build_anatomy(
     shift = rng.uniform(-10, 10, size=2)
     origin = (-size * spacing / 2 + shift[0], -size * spacing / 2 + shift[1])
     z_inst = z_asc[::-1] if plan.order == "head_first" else z_asc
-    return Anatomy(verts, z_inst, origin, spacing, size, neck, hu, rng.uniform(20, 40), axis)
+    noise = rng.uniform(20, 40)
+    return Anatomy(verts, z_inst, origin, spacing, size, neck, hu, noise, axis, _head(rng, verts[0], s))
 
 
-def _slice_heights(rng, verts: list[Vertebra], n_slices: int | None) -> np.ndarray:
-    """Ascending z of the slices: from above C1 down into T2/T3, evenly spaced."""
-    c1, t2, t3 = verts[0], verts[-2], verts[-1]
-    top = c1.centre[2] + c1.dims["lm_h"] + rng.uniform(8, 20)
-    bottom = rng.uniform(t3.centre[2], t2.centre[2] - t2.dims["h"] - 2.0)
-    n = int(n_slices or rng.integers(DEFAULT_SLICES[0], DEFAULT_SLICES[1] + 1))
-    return np.linspace(bottom, top, n)
+def _head(rng, c1: Vertebra, s: float) -> dict[str, float]:
+    """Skull base above C1 (not labelled in the masks, as on the real ones): the occipital condyles on
+    C1's lateral masses, the foramen magnum over C1's ring, and the cranium as an ellipsoid shell."""
+    d = c1.dims
+    top = c1.centre[2] + d["lm_h"]
+    return {
+        "x": c1.centre[0],
+        "y": c1.centre[1],
+        "z_condyle": top + 1.0,  # the atlanto-occipital joint
+        "z_base": top + rng.uniform(6.0, 9.0),  # lowest point of the skull base (at the foramen magnum)
+        "fm_r": rng.uniform(15.0, 18.0) * s,
+        "cond_u": d["lm_u"],
+        "cond_v": d["lm_v"],
+        "a": rng.uniform(65, 75) * s,  # cranium half-axes (LR, AP, SI)
+        "b": rng.uniform(80, 92) * s,
+        "c": rng.uniform(70, 80) * s,
+        "dy": -rng.uniform(10, 20),  # the cranium's centre lies anterior to the foramen magnum
+        "shell": rng.uniform(5, 8),
+    }
+
+
+def _slice_heights(rng, verts: list[Vertebra], scan: Scan) -> np.ndarray:
+    """Ascending z of the slices, evenly spaced: from above C1 (skull base) down below C7 (thorax).
+
+    The spacing is drawn per study (so a model gridded by slice index would see different scales) and
+    the count follows; with ``scan.n_slices`` the count is fixed and the scan spans C1 to T1.
+    """
+    c1, c7 = verts[0], verts[VERTEBRAE.index("C7")]
+    above, below = scan.above_c1_mm, scan.below_c7_mm
+    if scan.n_slices:
+        above, below = NARROW_ABOVE_MM, NARROW_BELOW_MM
+    top = c1.centre[2] + c1.dims["lm_h"] + rng.uniform(*above)
+    bottom = c7.centre[2] - c7.dims["h"] - rng.uniform(*below)
+    if scan.n_slices:
+        return np.linspace(bottom, top, int(scan.n_slices))
+    step = rng.uniform(*scan.slice_spacing_mm)
+    return bottom + step * np.arange(int((top - bottom) / step) + 1)
 
 
 # =============================================================================================
@@ -574,7 +653,26 @@ def _paint_neck(anat: Anatomy, z: float) -> np.ndarray:
     ax, ay = _axis_xy(anat.axis, z)
     airway = ((xs[None, :] - ax) / 9.0) ** 2 + ((ys[:, None] - (ay - 26.0)) / 7.0) ** 2 <= 1.0
     hu[airway] = HU_AIR
+    if z >= anat.head["z_condyle"]:
+        _paint_head(anat, z, hu, xs, ys)
     return hu
+
+
+def _paint_head(anat: Anatomy, z: float, hu: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> None:
+    """Skull base and cranium at height z (in place): bone that is not a vertebra, above C1."""
+    h, bone = anat.head, anat.hu["cortical"] * 1.2
+    dx, dy = xs[None, :] - h["x"], ys[:, None] - h["y"]
+    zc = h["z_base"] + h["c"]  # the cranium's lowest point is the skull base
+    for grow, value in ((6.0, HU_SOFT), (0.0, bone), (-h["shell"], HU_BRAIN)):  # scalp, skull, brain
+        a, b, c = h["a"] + grow, h["b"] + grow, h["c"] + grow
+        f2 = 1.0 - ((z - zc) / c) ** 2
+        if f2 > 0:
+            hu[(dx / a) ** 2 + ((dy - h["dy"]) / b) ** 2 <= f2] = value
+    if z <= h["z_base"] + h["shell"] + 4.0:  # the foramen magnum: the canal runs up through the base
+        hu[dx**2 + dy**2 <= h["fm_r"] ** 2] = HU_CSF
+    if z <= h["z_base"] + 2.0:  # the occipital condyles, resting on C1's lateral masses
+        for side in (-1.0, 1.0):
+            hu[((dx - side * h["cond_u"]) / 5.5) ** 2 + ((dy - h["cond_v"]) / 8.0) ** 2 <= 1.0] = bone
 
 
 @dataclass
@@ -618,42 +716,67 @@ def render_slice(anat: Anatomy, z: float) -> SliceImage:
 
 
 def _to_stored(hu: np.ndarray, storage: str) -> tuple[np.ndarray, tuple[float, float]]:
-    """Integer HU stored in the study's convention, with its (slope, intercept)."""
+    """Integer HU stored in the study's convention (clipped to what 12 stored bits hold), with its
+    (slope, intercept)."""
     dtype, intercept = STORAGES[storage]
-    h = np.clip(np.rint(hu), -1024, 3071)
+    lo, hi = (0, 4095) if dtype == np.uint16 else (-2048, 2047)
+    h = np.clip(np.rint(hu), max(-1024.0, lo + intercept), min(3071.0, hi + intercept))
     return (h - intercept).astype(dtype), (1.0, intercept)
 
 
 def nifti_affine(anat: Anatomy) -> np.ndarray:
-    """Voxel (i, j, k') of the stored mask -> RAS mm.
+    """Voxel (i, j, k) of the stored mask -> RAS mm.
 
-    The mask is stored like the real ones: S[i, j, k'] = V[n-1-k', R-1-j, i] with V[k, r, c] the
-    DICOM-ordered volume (k = InstanceNumber - 1); a DICOM pixel sits at LPS (x0 + c dx, y0 + r dy, z_k)
+    The mask is stored like the real ones: S[i, j, k] = A[k, R-1-j, i] with A[k, r, c] the volume in
+    ascending patient z (whatever the DICOM file order); a DICOM pixel sits at LPS (x0 + c dx, y0 + r dy, z)
     and RAS = (-x, -y, z).
     """
-    n, size, sp = len(anat.z_instances), anat.size, anat.spacing
+    size, sp = anat.size, anat.spacing
     x0, y0 = anat.origin
-    z = anat.z_instances
-    step = (z[-1] - z[0]) / (n - 1) if n > 1 else 1.0
+    z = np.sort(anat.z_instances)
+    step = (z[-1] - z[0]) / (len(z) - 1) if len(z) > 1 else 1.0
     return np.array(
         [
             [-sp, 0.0, 0.0, -x0],
             [0.0, sp, 0.0, -(y0 + (size - 1) * sp)],
-            [0.0, 0.0, -step, z[-1]],
+            [0.0, 0.0, step, z[0]],
             [0.0, 0.0, 0.0, 1.0],
         ]
     )
 
 
-def _write_mask(path: Path, volume: np.ndarray, anat: Anatomy) -> None:
-    """Save the DICOM-ordered label volume V in the real masks' layout (see ``nifti_affine``)."""
-    stored = volume.transpose(2, 1, 0)[:, ::-1, ::-1]
-    img = nib.Nifti1Image(np.asarray(stored), nifti_affine(anat))
+def mask_from_ascending(volume: np.ndarray) -> np.ndarray:
+    """The stored NIfTI array of a label volume A[k, r, c] in ascending z: axes (column, row, slice),
+    row axis reversed. The published reading rule undoes it (``dicom_order_from_mask``)."""
+    return volume.transpose(2, 1, 0)[:, ::-1, :]
+
+
+def dicom_order_from_mask(stored: np.ndarray, z_decreases: bool) -> np.ndarray:
+    """The published rule (a top-3 solution, right on all 87 real masks): the mask in DICOM file order
+    V[k, r, c], given whether ImagePositionPatient z decreases with the slice number."""
+    if z_decreases:
+        return stored[:, ::-1, ::-1].transpose(2, 1, 0)
+    return stored[:, ::-1].transpose(2, 1, 0)
+
+
+def _write_mask(path: Path, volume: np.ndarray, anat: Anatomy, honest: bool) -> None:
+    """Save the label volume (ascending z) in the real masks' layout (see ``nifti_affine``). A dishonest
+    header (a quirk) carries the identity affine instead: only the reading rule places such a mask."""
+    affine = nifti_affine(anat) if honest else np.eye(4)
+    img = nib.Nifti1Image(np.ascontiguousarray(mask_from_ascending(volume)), affine)
     img.set_data_dtype(np.uint8)
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
+
+
+def _set_monochrome1(path: Path) -> None:
+    """Mark a written slice MONOCHROME1: only the tag changes (for CT the rescale gives HU whatever the
+    photometric interpretation says)."""
+    ds = pydicom.dcmread(path)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(path, enforce_file_format=True)
 
 
 @dataclass
@@ -661,6 +784,8 @@ class StudyResult:
     """What rendering one study leaves for the tables."""
 
     n_slices: int
+    slice_spacing: float  # mm between slices
+    pixel_spacing: float  # mm
     vertebrae: list[dict]
     boxes: list[dict]
     corrupt: str | None = None
@@ -670,7 +795,7 @@ def render_study(out: Path, plan: StudyPlan, anat: Anatomy, rng: np.random.Gener
     """Render and write every slice of one study (and its mask), one slice in memory at a time."""
     n = len(anat.z_instances)
     folder = out / f"{plan.split}_images" / plan.uid
-    volume = np.zeros((n, anat.size, anat.size), dtype=np.uint8) if plan.segmented else None
+    volume = np.zeros((n, anat.size, anat.size), dtype=np.uint8) if plan.segmented else None  # ascending z
     present = np.zeros((n, len(NAMES) + 1), dtype=bool)  # by ascending-z index, label
     asc_index = np.argsort(np.argsort(anat.z_instances))
     boxes = []
@@ -695,19 +820,22 @@ def render_study(out: Path, plan: StudyPlan, anat: Anatomy, rng: np.random.Gener
             rescale=rescale,
             syntax=plan.syntax,
         )
+        if plan.monochrome1:
+            _set_monochrome1(folder / f"{k + 1}.dcm")
         present[asc_index[k]] = np.bincount(img.labels.ravel(), minlength=len(NAMES) + 1) > 0
         if volume is not None:
-            volume[k] = img.labels
+            volume[asc_index[k]] = img.labels
         if plan.boxes:
             boxes += [_box_row(plan.uid, k + 1, b) for b in img.clefts.values()]
     if volume is not None:
-        _write_mask(out / "segmentations" / f"{plan.uid}.nii", volume, anat)
+        _write_mask(out / "segmentations" / f"{plan.uid}.nii", volume, anat, plan.honest_affine)
     corrupt = None
     if plan.corrupt_at is not None:
         path = folder / f"{1 + int(plan.corrupt_at * n)}.dcm"
         common.corrupt(path)
         corrupt = str(path.relative_to(out))
-    return StudyResult(n, _vertebra_rows(plan, anat, present), boxes, corrupt)
+    rows = _vertebra_rows(plan, anat, present)
+    return StudyResult(n, _thickness(anat), anat.spacing, rows, boxes, corrupt)
 
 
 def _thickness(anat: Anatomy) -> float:
@@ -797,9 +925,14 @@ def _split_scores(task: CervicalTask, labels: pd.DataFrame, rates: pd.Series) ->
 def _split_counts(plans: list[StudyPlan], results: dict[str, StudyResult], labels: pd.DataFrame) -> dict:
     """Studies, slices, label rates and the share of fractured vertebrae that show a cleft."""
     n_frac = sum(len(p.fractured) for p in plans)
+    done = [results[p.uid] for p in plans if p.uid in results]
+    spread = lambda xs: [round(min(xs), 3), round(max(xs), 3)] if xs else None  # noqa: E731
     return {
         "studies": len(plans),
-        "slices": int(sum(results[p.uid].n_slices for p in plans if p.uid in results)),
+        "slices": int(sum(r.n_slices for r in done)),
+        "slices_per_study": spread([r.n_slices for r in done]),
+        "slice_spacing_mm": spread([r.slice_spacing for r in done]),
+        "pixel_spacing_mm": spread([r.pixel_spacing for r in done]),
         "fracture_rate": {t: float(r) for t, r in labels.groupby("target")["label"].mean().items()},
         "visible_share": sum(len(p.visible) for p in plans) / n_frac if n_frac else None,
     }
@@ -812,9 +945,12 @@ def _quirks(plans: list[StudyPlan], results: dict[str, StudyResult]) -> dict:
         "storage": {p.uid: p.storage for p in plans if not p.missing},
         "corrupt_files": sorted(r.corrupt for r in results.values() if r.corrupt),
         "missing_test_studies": [p.uid for p in plans if p.missing],
+        "monochrome1": [p.uid for p in plans if p.monochrome1],
         "segmented": [p.uid for p in plans if p.segmented],
-        "nifti_layout": "S[i, j, k'] = V[n-1-k', R-1-j, i]; V = S[:, ::-1, ::-1].transpose(2, 1, 0); "
-        "affine maps (i, j, k') to RAS mm",
+        "identity_affine_masks": [p.uid for p in plans if p.segmented and not p.honest_affine],
+        "nifti_layout": "S[i, j, k] = A[k, R-1-j, i], A in ascending patient z; DICOM order V = "
+        "S[:, ::-1, ::-1].transpose(2, 1, 0) if z decreases with InstanceNumber, else "
+        "S[:, ::-1].transpose(2, 1, 0); the affine maps (i, j, k) to RAS mm, except on identity_affine_masks",
     }
 
 
@@ -888,6 +1024,8 @@ def _summary(plans, results, labels: pd.DataFrame, boxes: pd.DataFrame, meta: di
         summary["scores"][split] = _split_scores(task, sl, rates) if len(sl) and rates is not None else None
     summary["counts"]["train"].update(
         segmentations=sum(p.segmented for p in plans),
+        identity_affine_masks=sum(p.segmented and not p.honest_affine for p in plans),
+        monochrome1=sum(p.monochrome1 for p in plans if p.split == "train"),
         box_studies=int(boxes["StudyInstanceUID"].nunique()),
         boxes=len(boxes),
     )
@@ -907,30 +1045,53 @@ def generate(
     seed: int,
     image_size: int | None = None,
     n_slices: int | None = None,
+    *,
+    fov_mm: tuple[float, float] | None = None,
+    slice_spacing_mm: tuple[float, float] | None = None,
+    above_c1_mm: tuple[float, float] | None = None,
+    below_c7_mm: tuple[float, float] | None = None,
+    mask_share: float | None = None,
 ) -> dict:
     """Write a synthetic cervical data set to ``out`` (Kaggle layout) and its truth to ``{out}_truth/``.
+
+    Every size defaults to the real data's (``Scan``): 512² slices 0.5-1.25 mm apart from the skull base
+    to the upper thorax, a mask for ~4 % of the train studies. The demo configs scale it down.
 
     Args:
         out: data folder to create (an existing one is replaced only if it was generated).
         n_train, n_test: numbers of studies.
         seed: everything (labels, quirks, anatomy, noise) follows from it.
-        image_size: pixels per side (default 128); 512 gives the real size.
-        n_slices: slices per study (default: 80-100, about 2 mm apart, C1 to T2/T3).
+        image_size: pixels per side.
+        n_slices: a fixed number of slices per study spanning C1 to T1 (cheap tests); None = from spacing.
+        fov_mm: (min, max) in-plane field of view; pixel spacing = fov / image_size.
+        slice_spacing_mm: (min, max) slice spacing, drawn per study.
+        above_c1_mm, below_c7_mm: (min, max) of how far the scan reaches above C1 and below C7.
+        mask_share: share of the train studies with a segmentation mask (at least MIN_MASKS).
 
     Returns:
         The summary (also written as ``summary.json``): counts, prior and Bayes scores, quirks placed.
     """
     start = time.perf_counter()
+    given = {
+        "image_size": image_size,
+        "n_slices": n_slices,
+        "fov_mm": fov_mm,
+        "slice_spacing_mm": slice_spacing_mm,
+        "above_c1_mm": above_c1_mm,
+        "below_c7_mm": below_c7_mm,
+    }
+    scan = Scan(**{k: _pair(v) if k.endswith("_mm") else v for k, v in given.items() if v is not None})
+    share = MASK_SHARE if mask_share is None else float(mask_share)
     out = common.prepare_out(out)
     task = CervicalTask()
-    plans = plan_studies(seed, n_train, n_test)
+    plans = plan_studies(seed, n_train, n_test, share)
     split_code = {"train": 1, "test": 2}
     results: dict[str, StudyResult] = {}
     for plan in plans:
         if plan.missing:
             continue
         rng = np.random.default_rng([seed, split_code[plan.split], plan.index])
-        anat = build_anatomy(rng, plan, image_size, n_slices)
+        anat = build_anatomy(rng, plan, scan)
         results[plan.uid] = render_study(out, plan, anat, rng)
     boxes = pd.DataFrame(
         [b for r in results.values() for b in r.boxes],
@@ -938,15 +1099,18 @@ def generate(
     )
     _write_kaggle_tables(out, plans, boxes, task)
     tables, labels = _truth_tables(plans, results, task)
-    meta = {
-        "task": "cervical",
-        "seed": seed,
-        "image_size": int(image_size or DEFAULT_IMAGE_SIZE),
-        "n_slices": n_slices,
-    }
+    meta = {"task": "cervical", "seed": seed, "scan": asdict(scan), "mask_share": share}
     summary = _summary(plans, results, labels, boxes, meta)
     common.write_truth(out, tables, summary)
     log.info(
         "cervical synth: %d train, %d test studies in %.1f s", n_train, n_test, time.perf_counter() - start
     )
     return summary
+
+
+def _pair(value) -> tuple[float, float]:
+    """A (min, max) range from a config list; a clear error otherwise."""
+    lo, hi = (float(v) for v in value)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"a range must be [min, max] with 0 <= min <= max, got {list(value)}")
+    return lo, hi

@@ -27,6 +27,7 @@ class CervicalTask(Task):
         "crop": "spine.cervical.crops:run_crops",
         "train": "spine.cervical.fracture:run_train",
         "predict": "spine.cervical.fracture:predict_test",
+        "overlays": "spine.cervical.viz:write_overlays",
     }
 
     def stack_group(self, row_id: str) -> str:

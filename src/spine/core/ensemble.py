@@ -4,15 +4,19 @@ Every member's ``oof.csv`` holds an out-of-fold prediction for each labelled tra
 learn how to combine them; each is scored by nested cross-validation over the same study folds (fit
 on four folds' OOF rows, predict the fifth), so its reported score is out-of-fold too. Candidates:
 
+- ``prior``: the class frequencies of each target key (core.priors), no member at all;
 - ``member:<exp>``: one member as it is;            ``mean``: the members' average;
 - ``blend``: per target group (lumbar condition group, cervical vertebra / patient), member weights,
   a temperature and a class-prior shift, fitted with scipy on the metric's weighted log loss;
+  ``blend+prior``: the same with the prior as one more member, so that it can shrink toward the prior
+  (one more weight per group: it pays on many rows, overfits on few; the nested CV decides);
 - ``logistic``: multinomial logistic regression on the members' log probabilities and row features;
 - ``lgbm``: a LightGBM classifier on the same features, weighted like the metric.
 
 The choice among candidates is itself made out of fold ("selected"): for each outer fold, the candidate
 with the best inner-CV score on the other folds predicts it. The spec saved for stage 06 is the
-candidate with the best nested score, refitted on every OOF row.
+candidate with the best nested score, refitted on every OOF row. As the prior is a candidate, that
+score is never worse than the prior's; when every member is worse than the prior, the report says so.
 
 Tasks supply their labels and row features through the task module; binary tasks (cervical) are
 handled as two classes (not fractured, fractured).
@@ -32,7 +36,7 @@ from scipy.special import softmax
 from spine.core.config import save_config
 from spine.core.io import save_table, save_text
 from spine.core.paths import Paths, require
-from spine.core.priors import oof_prior, prior_table
+from spine.core.priors import prior_probs, prior_table
 from spine.core.report import format_scores
 from spine.core.task import EPS
 from spine.core.truth import add_bayes, bayes_frame
@@ -159,13 +163,46 @@ class Mean(Member):
         return probs.mean(1)
 
 
-class Blend:
-    """Per group: softmax(log(sum_m w_m p_m) / T + b), w on the simplex, T > 0, b[0] = 0."""
+class Prior:
+    """Each row's target-key class frequencies among the fitted rows (core.priors), members unused."""
 
     fitted = True
 
-    def __init__(self, groups: dict | None = None):
+    def __init__(self, table: dict | None = None):
+        self.table = table
+
+    def fit(self, rows, probs, feats):
+        self.table = prior_table(rows["key"], rows["y"], probs.shape[2])
+        return self
+
+    def predict(self, rows, probs, feats) -> np.ndarray:
+        return prior_probs(self.table, rows["key"], probs.shape[2])
+
+    def params(self) -> dict:
+        return {"table": self.table}
+
+    @classmethod
+    def from_params(cls, p):
+        return cls(p["table"])
+
+
+class Blend:
+    """Per group: softmax(log(sum_m w_m p_m) / T + b), w on the simplex, T > 0, b[0] = 0.
+
+    With ``shrink``, the prior of the fitted rows is one more member (the last weight), so a blend of
+    weak members can shrink toward it; its table is saved as ``prior`` (None: members only).
+    """
+
+    fitted = True
+
+    def __init__(self, groups: dict | None = None, prior: dict | None = None, shrink: bool = False):
         self.groups = groups or {}
+        self.prior, self.shrink = prior, shrink
+
+    def _with_prior(self, rows, probs) -> np.ndarray:
+        if self.prior is None:
+            return probs
+        return np.concatenate([probs, Prior(self.prior).predict(rows, probs, None)[:, None]], axis=1)
 
     @staticmethod
     def _unpack(theta, m, k):
@@ -180,6 +217,8 @@ class Blend:
         return softmax(np.log(mix) / t + b, axis=1)
 
     def fit(self, rows, probs, feats):
+        self.prior = Prior().fit(rows, probs, feats).table if self.shrink else None
+        probs = self._with_prior(rows, probs)
         _, m, k = probs.shape
         for g in rows["group"].unique():
             sel = (rows["group"] == g).to_numpy()
@@ -195,6 +234,7 @@ class Blend:
 
     def predict(self, rows, probs, feats) -> np.ndarray:
         out = probs.mean(1)  # a group unseen in fitting keeps the plain mean
+        probs = self._with_prior(rows, probs)
         for g, prm in self.groups.items():
             sel = (rows["group"] == g).to_numpy()
             if sel.any():
@@ -204,11 +244,11 @@ class Blend:
         return out
 
     def params(self) -> dict:
-        return {"groups": self.groups}
+        return {"groups": self.groups, "prior": self.prior}
 
     @classmethod
     def from_params(cls, p):
-        return cls(p["groups"])
+        return cls(p["groups"], p.get("prior"))
 
 
 def _design(feats: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
@@ -296,15 +336,24 @@ class Lgbm:
         return cls(p["params"], p["rounds"], p["model"])
 
 
-STACKERS = {"member": Member, "mean": Mean, "blend": Blend, "logistic": Logistic, "lgbm": Lgbm}
+STACKERS = {
+    "prior": Prior,
+    "member": Member,
+    "mean": Mean,
+    "blend": Blend,
+    "logistic": Logistic,
+    "lgbm": Lgbm,
+}
 
 
 def candidates(members: list[str], ec) -> dict:
-    """name → a factory of a fresh stacker."""
-    out = {f"member:{m}": (lambda i=i: Member(i)) for i, m in enumerate(members)}
+    """name → a factory of a fresh stacker. The prior comes first: on a tie the simplest one wins."""
+    out = {"prior": Prior}
+    out.update({f"member:{m}": (lambda i=i: Member(i)) for i, m in enumerate(members)})
     if len(members) > 1:
         out["mean"] = Mean
     out["blend"] = Blend
+    out["blend+prior"] = lambda: Blend(shrink=True)
     out["logistic"] = lambda: Logistic(float(ec.logistic_c))
     out["lgbm"] = lambda: Lgbm(dict(ec.lgbm), int(ec.lgbm_rounds))
     return out
@@ -386,7 +435,6 @@ def run_ensemble(cfg, members: list) -> dict:
     selected, picks = selected_predict(task, cands, rows, probs, feats)
     best = min(scores, key=lambda n: scores[n]["score"])
     final = cands[best]().fit(rows, probs, feats)
-    prior = oof_prior(rows["key"], rows["fold"], k, rows["key"], rows["y"], rows["fold"])  # out of fold
     report = {
         "exp": cfg.exp,
         "members": names,
@@ -396,8 +444,11 @@ def run_ensemble(cfg, members: list) -> dict:
         "selected": score(task, rows, selected),
         "selected_per_fold": picks,
         "chosen": best,
-        "prior": score(task, rows, prior),
+        "prior": scores["prior"],  # the prior candidate: each fold given the other folds' frequencies
     }
+    report["notes"] = prior_notes(report, names)
+    for note in report["notes"]:
+        log.warning("stage 05: %s", note)
     bayes = bayes_frame(paths, rows["row_id"], task.pred_columns)
     add_bayes(report, None if bayes is None else score(task, rows, to_matrix(task, bayes)), model="selected")
     spec = {
@@ -418,6 +469,29 @@ def run_ensemble(cfg, members: list) -> dict:
     return {**report, "summary": _summary(report)}
 
 
+def prior_notes(report: dict, members: list[str]) -> list[str]:
+    """Plain sentences for a report whose members, or whose stack, score worse than the prior."""
+    prior = report["prior"]["score"]
+    member = [report["candidates"][f"member:{m}"]["score"] for m in members]
+    chosen, notes = report["chosen"], []
+    if min(member) > prior:
+        outcome = (
+            "the prior was chosen"
+            if chosen == "prior"
+            else f"{chosen} was chosen ({report['candidates'][chosen]['score']:.4f})"
+        )
+        listed = ", ".join(f"{s:.4f}" for s in member)
+        notes.append(
+            f"every member scores worse than the prior out of fold ({listed} vs {prior:.4f}): {outcome}"
+        )
+    if report["selected"]["score"] > prior:
+        notes.append(
+            f"the stack selected out of fold scores worse than the prior ({report['selected']['score']:.4f} "
+            f"vs {prior:.4f}): the inner-CV pick of some folds did not carry over to the fold it predicts"
+        )
+    return notes
+
+
 def _summary(report: dict) -> dict:
     out = {f"OOF {name}": round(s["score"], 4) for name, s in report["candidates"].items()}
     out["OOF stacked (selection out of fold)"] = round(report["selected"]["score"], 4)
@@ -426,6 +500,8 @@ def _summary(report: dict) -> dict:
         out["Bayes optimum"] = round(report["bayes"]["score"], 4)
         out["signal captured by the stack"] = round(report["signal_captured"], 3)
     out["chosen for stage 06"] = report["chosen"]
+    for i, note in enumerate(report["notes"], 1):
+        out[f"note {i}"] = note
     return out
 
 

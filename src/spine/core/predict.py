@@ -88,19 +88,57 @@ def finish(task, q: np.ndarray, sample: pd.DataFrame) -> pd.DataFrame:
     return sub
 
 
-def test_scores(task, paths: Paths, sub: pd.DataFrame, prior: np.ndarray) -> dict | None:
-    """On generated data: the submission, the prior and the Bayes optimum scored on the test truth."""
+def test_scores(task, paths: Paths, sub: pd.DataFrame, prior: np.ndarray, partial: pd.Series) -> dict | None:
+    """On generated data: the submission, the prior and the Bayes optimum scored on the test truth; and
+    the model beside the prior on the rows predicted from part of their input (``partial``)."""
     sol_file = paths.truth_dir / "test_solution.csv"
     if not sol_file.exists():
         return None
     sol = pd.read_csv(sol_file)
-    out = {"model": task.score(sol, sub)}
     prior_sub = pd.concat([sub[["row_id"]], ensemble.from_matrix(task, prior)], axis=1)
-    out["prior"] = task.score(sol, prior_sub)
+    out = {"model": task.score(sol, sub), "prior": task.score(sol, prior_sub)}
     bayes = bayes_frame(paths, sub["row_id"], task.pred_columns)
     if bayes is not None:
         out["bayes"] = task.score(sol, pd.concat([sub[["row_id"]], bayes], axis=1))
+    part = sol[sol["row_id"].isin(partial.index)]
+    if len(part):
+        out["partial_rows"] = {
+            "rows": len(part),
+            "model": task.score(part, sub)["score"],
+            "prior": task.score(part, prior_sub)["score"],
+        }
     return out
+
+
+def study_problems(task, work_paths: Paths, reason: pd.Series, partial: pd.Series) -> dict:
+    """Per study with any problem: the files stage 01 could not read (by reason), the rows that fell back
+    to the prior (by reason) and the rows predicted from part of their input (by what was missing)."""
+    out: dict[str, dict] = {}
+
+    def add(study, part: str, why: str, n: int = 1) -> None:
+        counts = out.setdefault(str(study), {}).setdefault(part, {})
+        counts[why] = counts.get(why, 0) + n
+
+    if work_paths.failure_table.exists():
+        failed = pd.read_csv(work_paths.failure_table, dtype={"study_id": str})
+        why_col = "reason" if "reason" in failed else "status"
+        for (study, why), n in failed.groupby(["study_id", why_col]).size().items():
+            add(study, "unread_files", str(why), int(n))
+    for row_id, why in reason[reason != ""].items():
+        add(task.parse_row_id(row_id)["study_id"], "prior_rows", str(why))
+    for row_id, why in partial.items():
+        add(task.parse_row_id(row_id)["study_id"], "partial_rows", str(why))
+    return dict(sorted(out.items()))
+
+
+def partial_rows(task, work_paths: Paths, ok: np.ndarray, row_ids) -> pd.Series:
+    """Rows the members predicted from part of their input (row_id -> what was missing), as the task's
+    ``partial_rows`` runner says; none where the task has no such runner."""
+    if "partial_rows" not in task.runners:
+        return pd.Series(dtype=object)
+    partial = task.runner("partial_rows")(work_paths, "test")
+    predicted = {r for r, good in zip(row_ids, ok) if good}
+    return partial[partial.index.isin(predicted)]
 
 
 def run_predict(cfg: DictConfig, members: list[DictConfig]) -> dict:
@@ -140,6 +178,8 @@ def run_predict(cfg: DictConfig, members: list[DictConfig]) -> dict:
     seconds = time.perf_counter() - t0
     studies = len({task.parse_row_id(r)["study_id"] for r in row_ids})
     fallback = reason[~ok]
+    partial = partial_rows(task, work_paths, ok, row_ids)
+    problems = study_problems(task, work_paths, reason, partial)
     report = {
         "submission": str(paths.submission),
         "rows": len(sub),
@@ -153,9 +193,13 @@ def run_predict(cfg: DictConfig, members: list[DictConfig]) -> dict:
         "fallback_rows": int((~ok).sum()),
         "fallback_reasons": {k: int(v) for k, v in fallback.value_counts().items()},
         "fallback_studies": sorted({str(task.parse_row_id(r)["study_id"]) for r in fallback.index}),
+        "partial_rows": len(partial),
+        "studies_with_problems": problems,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
-    scores = test_scores(task, paths, sub, prior)
+    for study, what in problems.items():
+        log.warning("stage 06: study %s: %s", study, json.dumps(what))
+    scores = test_scores(task, paths, sub, prior, partial)
     if scores is not None:
         report["test"] = scores
     save_text(paths.predict_report, json.dumps(report, indent=2, default=float))
@@ -174,6 +218,12 @@ def _summary(report: dict) -> dict:
     }
     for why, n in report["fallback_reasons"].items():
         out[f"  fallback: {why}"] = n
+    out["rows from part of their input"] = report["partial_rows"]
+    out["studies with a problem (see report)"] = len(report["studies_with_problems"])
     for who, s in report.get("test", {}).items():
-        out[f"test {who}"] = round(s["score"], 4)
+        if who == "partial_rows":
+            scores = f"{s['model']:.4f} / {s['prior']:.4f} ({s['rows']} rows)"
+            out["test partial rows: model / prior"] = scores
+        else:
+            out[f"test {who}"] = round(s["score"], 4)
     return out

@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,11 @@ def list_jobs(task_name: str, data_dir: Path, splits) -> list[SeriesJob]:
     return jobs
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.dcm"), key=lambda p: (len(p.stem), p.stem))
+def _files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(the folder's .dcm files in instance order, its other files: stray files recorded, not read)."""
+    entries = [p for p in folder.iterdir() if p.is_file()]
+    dcm = sorted((p for p in entries if p.suffix.lower() == ".dcm"), key=lambda p: (len(p.stem), p.stem))
+    return dcm, sorted(p for p in entries if p.suffix.lower() != ".dcm")
 
 
 def _stack_key(meta: dict) -> tuple:
@@ -69,7 +72,8 @@ def group_stacks(metas: list[dict]) -> list[list[int]]:
     """Group instances by image size, orientation and spacing; order each group along its normal.
 
     Returns lists of indices into ``metas``: one list per stack, stacks ordered by their mean
-    position along the series' mean normal (so stack 0 is the lowest block).
+    position along the series' mean normal (so stack 0 is the lowest block). An image of another
+    size than the rest of its series is kept as a stack of its own, never resized or dropped.
     """
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(metas):
@@ -81,6 +85,23 @@ def group_stacks(metas: list[dict]) -> list[list[int]]:
         stacks.append([idx[k] for k in order])
     normal = geometry.slice_normal(np.array([metas[i]["iop"] for i in range(len(metas))]).mean(0))
     return sorted(stacks, key=lambda s: float(np.mean([np.dot(metas[i]["ipp"], normal) for i in s])))
+
+
+def find_duplicates(metas: list[dict]) -> dict[int, int]:
+    """Instances at the position of an earlier one of the same stack: {duplicate index: kept index}.
+
+    Two images at one position cannot both be slices of a volume; the first (lowest instance
+    number, by file order) is kept and the others are counted as failures, never silently merged.
+    """
+    seen: dict[tuple, int] = {}
+    dups = {}
+    for i, m in enumerate(metas):
+        key = (*_stack_key(m), *(round(v, 3) for v in m["ipp"]))
+        if key in seen:
+            dups[i] = seen[key]
+        else:
+            seen[key] = i
+    return dups
 
 
 def _release_freed_memory() -> None:
@@ -117,28 +138,57 @@ def _assemble(pixels: list, idx: list[int]) -> np.ndarray:
     return vol
 
 
-def cache_series(job: SeriesJob, paths: Paths) -> tuple[list[dict], list[dict]]:
-    """Decode, order and save one series. Returns (stack rows, instance rows); errors are rows too."""
-    folder = Path(job.folder)
-    files = _files(folder) if folder.is_dir() else []
-    base = {"split": job.split, "study_id": job.study_id, "series_id": job.series_id}
-    pixels, metas, ok_files, rows = [], [], [], []
-    if not files:
-        why = "missing series folder" if not folder.is_dir() else "no .dcm files in series folder"
-        rows.append({**base, "file": str(folder), "status": why})
+# Failure reasons that say nothing about the data source (stray files, repeated slices): they are
+# recorded like every failure but left out of the preprocess.max_failed_share check.
+BENIGN_REASONS = ("duplicate position", "not a .dcm file")
+
+
+def _fail(base: dict, file, reason: str, message: str) -> dict:
+    return {**base, "file": str(file), "status": message, "reason": reason}
+
+
+def _read_files(files: list[Path], base: dict):
+    """Decode each file; a file that fails becomes a failure row, the rest (pixels, meta, file)."""
+    pixels, metas, ok_files, failed = [], [], [], []
     for f in files:
         try:
             px, meta = read_instance(f)
         except DicomError as e:
             log.warning("skipped %s", e)
-            rows.append({**base, "file": str(f), "status": str(e)})
+            failed.append(_fail(base, f, e.reason, str(e)))
             continue
         pixels.append(px)
         metas.append(meta)
         ok_files.append(f)
+    return pixels, metas, ok_files, failed
+
+
+def cache_series(job: SeriesJob, paths: Paths) -> tuple[list[dict], list[dict]]:
+    """Decode, order and save one series. Returns (stack rows, instance rows); errors are rows too.
+
+    Every file of the folder gets an instance row: ``status`` "ok", or a message naming the file and
+    the fix, with a short ``reason``. Stray non-.dcm files, unreadable files and a second image at
+    the same position are such rows; the series still gets a row (stack -1) when nothing is usable.
+    """
+    folder = Path(job.folder)
+    base = {"split": job.split, "study_id": job.study_id, "series_id": job.series_id}
+    files, strays = _files(folder) if folder.is_dir() else ([], [])
+    rows = [_fail(base, f, "not a .dcm file", f"{f}: not a .dcm file; ignored") for f in strays]
+    if not folder.is_dir():
+        rows.append(_fail(base, folder, "missing series folder", "missing series folder"))
+    elif not files:
+        rows.append(_fail(base, folder, "no .dcm files", "no .dcm files in series folder"))
+    pixels, metas, ok_files, failed = _read_files(files, base)
+    rows += failed
+    dups = find_duplicates(metas)
+    for i, kept in dups.items():
+        msg = f"{ok_files[i]}: same position as {ok_files[kept].name} (ImagePositionPatient); kept that one"
+        rows.append(_fail(base, ok_files[i], "duplicate position", msg))
+    keep = [i for i in range(len(metas)) if i not in dups]
 
     series_rows = []
-    for s, idx in enumerate(group_stacks(metas) if metas else []):
+    for s, sub in enumerate(group_stacks([metas[i] for i in keep]) if keep else []):
+        idx = [keep[k] for k in sub]
         vol = _assemble(pixels, idx)
         save_npy(paths.volume(job.split, job.study_id, job.series_id, s), vol)
         rows += [
@@ -146,6 +196,7 @@ def cache_series(job: SeriesJob, paths: Paths) -> tuple[list[dict], list[dict]]:
                 **base,
                 "file": str(ok_files[i]),
                 "status": "ok",
+                "reason": None,
                 **_instance_columns(metas[i]),
                 "stack": s,
                 "index": k,
@@ -158,15 +209,23 @@ def cache_series(job: SeriesJob, paths: Paths) -> tuple[list[dict], list[dict]]:
                 "description": job.description,
                 "stack": s,
                 "status": "ok",
+                "reason": None,
                 **_stack_columns(metas, idx, vol, paths, job, s),
             }
         )
     if not series_rows:  # nothing readable: the series still gets a row that says why
-        status = rows[0]["status"] if not files else "no readable instance"
-        series_rows = [{**base, "description": job.description, "stack": -1, "status": status}]
-    n_failed = sum(r["status"] != "ok" for r in rows) if files else 0
+        real = [r for r in rows if r["reason"] not in BENIGN_REASONS]
+        status, reason = (
+            (real[0]["status"], real[0]["reason"])
+            if not files
+            else ("no readable instance", "no readable instance")
+        )
+        series_rows = [
+            {**base, "description": job.description, "stack": -1, "status": status, "reason": reason}
+        ]
+    n_failed = sum(r["status"] != "ok" for r in rows if r["file"] != str(folder))
     for r in series_rows:
-        r.update(n_files=len(files), n_failed=n_failed)
+        r.update(n_files=len(files) + len(strays), n_failed=n_failed)
     # written last and atomically: its presence means every volume of the series is on disk
     done = json.dumps({"stacks": series_rows, "instances": rows}, default=_plain)
     save_text(paths.series_done(job.split, job.study_id, job.series_id), done)
@@ -243,13 +302,61 @@ def _first_per_split(jobs: list[SeriesJob], n: int) -> list[SeriesJob]:
     return keep
 
 
-def _work(args) -> int:
-    """Cache one series unless done; returns the images decoded (the records stay on disk)."""
+@dataclass
+class SeriesResult:
+    """What a worker sends back for one series: counts and its failure rows (the rest stays on disk)."""
+
+    job: SeriesJob
+    images: int = 0
+    checked: int = 0  # files that count for preprocess.max_failed_share (BENIGN_REASONS left out)
+    failures: list = field(default_factory=list)
+
+
+def _work(args) -> SeriesResult:
+    """Cache one series unless done."""
     job, paths, done = args
     if done:
-        return 0
+        return SeriesResult(job)
     _, inst = cache_series(job, paths)
-    return sum(r["status"] == "ok" for r in inst)
+    real = [r for r in inst if r.get("reason") not in BENIGN_REASONS]
+    failures = [r for r in real if r["status"] != "ok"]
+    return SeriesResult(job, len(real) - len(failures), len(real), failures)
+
+
+class FailureGate:
+    """Stops stage 01 when more than ``max_share`` of a split's files fail (a wrong data_dir, a missing
+    decoder): checked early, once a split has ``early_files`` files, and at the end over all of it."""
+
+    early_files = 1000
+
+    def __init__(self, max_share: float, paths: Paths):
+        self.max_share, self.paths = float(max_share), paths
+        self.checked: dict[str, int] = {}
+        self.failures: dict[str, list] = {}
+
+    def add(self, result: SeriesResult) -> None:
+        """Count one series' files; raise early when its split is already over the limit."""
+        split = result.job.split
+        self.checked[split] = self.checked.get(split, 0) + result.checked
+        self.failures.setdefault(split, []).extend(result.failures)
+        if self.checked[split] >= self.early_files:
+            self.check(split, self.checked[split], self.failures[split])
+
+    def check(self, split: str, n_checked: int, failures: list) -> None:
+        """Raise when the failed share of ``split`` is above the limit; forget the failed series first
+        so that a rerun after the fix decodes them again."""
+        if not n_checked or len(failures) / n_checked <= self.max_share:
+            return
+        for key in {(r["split"], r["study_id"], r["series_id"]) for r in failures}:
+            self.paths.series_done(*key).unlink(missing_ok=True)
+        first = "\n".join(f"  {r['file']}: [{r['reason']}] {r['status']}" for r in failures[:5])
+        raise RuntimeError(
+            f"stage 01: {len(failures)} of {n_checked} files of split '{split}' failed "
+            f"({len(failures) / n_checked:.0%}), more than preprocess.max_failed_share={self.max_share}. "
+            f"Is data_dir right ({self.paths.data_dir}), is every decoder installed? First failures:\n"
+            f"{first}\nFix the cause and rerun (the failed series are decoded again), or raise "
+            "preprocess.max_failed_share (1.0 never stops)."
+        )
 
 
 def run_preprocess(cfg) -> dict:
@@ -270,17 +377,23 @@ def run_preprocess(cfg) -> dict:
         workers,
     )
     t0, n_images = time.perf_counter(), 0
+    gate = FailureGate(cfg.preprocess.max_failed_share, paths)
     bar = tqdm(total=len(jobs), desc="preprocess", unit="series")
     with worker_pool(workers, n_new) as pool:
-        for n in pool(_work, todo):
-            n_images += n
+        for result in pool(_work, todo):
+            n_images += result.images
+            gate.add(result)
             bar.update()
             bar.set_postfix(images=n_images)
     bar.close()
     seconds = time.perf_counter() - t0
     series, inst = _merge_tables(paths, jobs)
-    failures = inst[inst["status"] != "ok"][["split", "study_id", "series_id", "file", "status"]]
+    failures = inst[inst["status"] != "ok"][["split", "study_id", "series_id", "file", "reason", "status"]]
     save_table(paths.failure_table, failures)
+    for split, g in inst.groupby("split"):  # the whole split, cached series included
+        real = g[~g["reason"].isin(BENIGN_REASONS)]
+        gate.check(split, len(real), real[real["status"] != "ok"].to_dict("records"))
+    by_reason = failures["reason"].fillna("unknown").value_counts()
     summary = {
         "series": len(jobs),
         "series_decoded": n_new,
@@ -289,6 +402,7 @@ def run_preprocess(cfg) -> dict:
         "images": int((inst["status"] == "ok").sum()),
         "images_decoded": n_images,
         "failures": len(failures),
+        "failures_by_reason": {str(k): int(v) for k, v in by_reason.items()},
         "seconds": round(seconds, 2),
         "images_per_s": round(n_images / seconds, 1) if seconds > 0 else 0.0,
         "cache_dir": str(paths.cache_dir),

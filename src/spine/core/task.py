@@ -21,7 +21,9 @@ class Task(ABC):
     # The task's implementation of each model stage, as "module:function" (imported on use, so the
     # task modules stay free of torch). Stage scripts look their function up here, never by task name:
     #   localize / crop / train: run_*(cfg) -> report dict (with a flat "summary" for the console);
-    #   localize_test / predict: the inference-only paths stage 06 runs on the test split.
+    #   localize_test / predict: the inference-only paths stage 06 runs on the test split;
+    #   generate (stage 00), overlays (plot_overlays.py), and optionally partial_rows(paths, split) ->
+    #   pd.Series (row_id -> what was missing) for rows predicted from part of their input.
     runners: dict[str, str] = {}
 
     def runner(self, stage: str):

@@ -15,10 +15,12 @@ axial with patient left to the right and posterior down, sagittal with posterior
 inferior down). Each crop stack is divided by its source stack's 99.5th percentile and stored as float16.
 
 Points come from stage 02 (``paths.points``); with ``crop.points=label`` train studies use
-``train_label_coordinates.csv`` instead. Subarticular rows have no point of their own: the recess is the
-canal point moved ``crop.recess_offset_mm`` along patient x (left is +x in LPS), the same on train
-and test. A row without a point or a study without the series keeps its place: its view is zeros,
-flagged ``{view}_missing`` with a reason.
+``train_label_coordinates.csv`` instead. Subarticular rows use their own recess point (stage 02's
+localized one on Axial T2, or the label); a row without one falls back to the canal point moved
+``crop.recess_offset_mm`` along patient x (left is +x in LPS), and says why in ``point_fallback``. A
+row without a point or a study without the series keeps its place: its view is zeros, flagged
+``{view}_missing`` with a reason (a study with no readable series at all — no folder, or every file
+failed in stage 01 — says so, and is logged).
 
 Config keys (``crop.*``): ``points`` (oof | label), ``size_mm``, ``pixels``, ``n_slices``,
 ``recess_offset_mm``, and ``overwrite`` (optional, default false: recrop every study even if done).
@@ -70,12 +72,13 @@ class Roi:
     """Where a condition's crops come from.
 
     ``anchor``: the condition of the points table whose point the row builds on; ``sag_series``: the
-    series description of its sagittal view; ``side``: lateral offset in units of the recess offset
-    (+1 patient left, -1 right, 0 none).
+    series description of its sagittal view; ``fallback``: the condition whose point stands in when the
+    anchor has none, moved by ``side`` times the recess offset (+1 patient left, -1 right).
     """
 
     anchor: str
     sag_series: str
+    fallback: str | None = None
     side: float = 0.0
 
 
@@ -83,10 +86,11 @@ ROIS = {
     "spinal_canal_stenosis": Roi(SPINAL, "Sagittal T2/STIR"),
     "left_neural_foraminal_narrowing": Roi("left_neural_foraminal_narrowing", "Sagittal T1"),
     "right_neural_foraminal_narrowing": Roi("right_neural_foraminal_narrowing", "Sagittal T1"),
-    "left_subarticular_stenosis": Roi(SPINAL, "Sagittal T2/STIR", +1.0),
-    "right_subarticular_stenosis": Roi(SPINAL, "Sagittal T2/STIR", -1.0),
+    "left_subarticular_stenosis": Roi("left_subarticular_stenosis", "Sagittal T2/STIR", SPINAL, +1.0),
+    "right_subarticular_stenosis": Roi("right_subarticular_stenosis", "Sagittal T2/STIR", SPINAL, -1.0),
 }
 ANCHORS = sorted({r.anchor for r in ROIS.values()})
+NO_SERIES = "no readable series (no folder, or every file failed in stage 01)"
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ class StudyJob:
     fingerprint: str
 
 
-MANIFEST_VERSION = 2  # bump when the manifest's columns change, so stored studies are remade
+MANIFEST_VERSION = 3  # bump when the manifest's columns change, so stored studies are remade
 
 
 def study_fingerprint(spec: CropSpec, points: pd.DataFrame) -> str:
@@ -284,11 +288,18 @@ class _Volumes:
 
 
 def stack_refs(stacks: pd.DataFrame, instances: pd.DataFrame) -> dict[str, list[StackRef]]:
-    """Series description → the study's cached stacks of that description."""
+    """Series description → the study's cached stacks of that description.
+
+    A stack without ok instance rows (the tables disagree) is left out and logged: nothing can be
+    placed on it.
+    """
     geos = _geometries(instances)
     out: dict[str, list[StackRef]] = {}
     for r in stacks.itertuples(index=False):
         key = (int(r.series_id), int(r.stack))
+        if key not in geos:
+            log.warning("series %s stack %s has no ok instance rows: skipped", *key)
+            continue
         shape = (int(r.n_slices), int(r.rows), int(r.cols))
         out.setdefault(r.description, []).append(StackRef(*key, geos[key], shape, r.path))
     return out
@@ -301,6 +312,8 @@ def _geometries(instances: pd.DataFrame) -> dict[tuple[int, int], StackGeometry]
     stack (that was half of this stage's time on the demo data).
     """
     ok = instances[instances["status"] == "ok"].sort_values(["series_id", "stack", "index"])
+    if ok.empty:  # a study with no folder or no readable file
+        return {}
     keys = ok[["series_id", "stack"]].to_numpy(np.int64)
     ipp = ok[["ipp_x", "ipp_y", "ipp_z"]].to_numpy(float)
     iop = ok[IOP_COLS].to_numpy(float)
@@ -364,15 +377,28 @@ def _sag_refs(refs: dict[str, list[StackRef]], roi: Roi, anchor) -> list[StackRe
 
 
 def _row_point(anchor, roi: Roi, spec: CropSpec) -> np.ndarray:
-    """The row's 3D point: the anchor point, moved laterally for a recess (left is +x in LPS)."""
+    """The row's 3D point: the anchor point; a fallback point moved laterally (left is +x in LPS)."""
     xyz = np.array([anchor.x_mm, anchor.y_mm, anchor.z_mm], dtype=np.float64)
-    return xyz + np.array([roi.side * spec.recess_offset_mm, 0.0, 0.0])
+    side = roi.side if anchor.condition != roi.anchor else 0.0
+    return xyz + np.array([side * spec.recess_offset_mm, 0.0, 0.0])
+
+
+def row_anchor(anchors: dict, roi: Roi, level: str) -> tuple:
+    """(the point a row builds on or None, why it is a fallback: "" when it is the row's own point)."""
+    own = anchors.get((roi.anchor, level))
+    if own is not None or roi.fallback is None:
+        return own, ""
+    stand_in = anchors.get((roi.fallback, level))
+    why = f"no {roi.anchor} point: {roi.fallback} point + {roi.side:+.0f} x crop.recess_offset_mm"
+    return stand_in, why if stand_in is not None else ""
 
 
 def crop_study(job: StudyJob, paths: Paths, spec: CropSpec, task_name: str) -> list[dict]:
     """Crop every row of one study, write its arrays and then its manifest; returns the manifest rows."""
     task = get_task(task_name)
     refs = stack_refs(job.stacks, job.instances)
+    if not refs:
+        log.warning("%s study %s: %s; its crops are flagged missing", job.split, job.study_id, NO_SERIES)
     volumes = _Volumes(paths)
     anchors = {(p.condition, p.level): p for p in job.points.itertuples(index=False)}
     row_ids = task.row_ids([job.study_id])
@@ -381,7 +407,7 @@ def crop_study(job: StudyJob, paths: Paths, spec: CropSpec, task_name: str) -> l
     for i, row_id in enumerate(row_ids):
         part = task.parse_row_id(row_id)
         roi = ROIS[part["condition"]]
-        anchor = anchors.get((roi.anchor, part["level"]))
+        anchor, fallback = row_anchor(anchors, roi, part["level"])
         base = {
             "row_id": row_id,
             "study_id": job.study_id,
@@ -391,8 +417,9 @@ def crop_study(job: StudyJob, paths: Paths, spec: CropSpec, task_name: str) -> l
             "array_index": i,
             "point_source": anchor.source if anchor is not None else "",
             "point_confidence": float(anchor.confidence) if anchor is not None else float("nan"),
+            "point_fallback": fallback,
         }
-        views = _crop_row(anchor, roi, refs, spec, volumes, arrays, i)
+        views = _crop_row(anchor, roi, refs, spec, volumes, arrays, i) if refs else _no_series()
         point = _row_point(anchor, roi, spec) if anchor is not None else np.full(3, np.nan)
         base.update(x_mm=point[0], y_mm=point[1], z_mm=point[2])
         rows.append(base | {f"{v}_{k}": val for v, fields in views.items() for k, val in fields.items()})
@@ -400,6 +427,10 @@ def crop_study(job: StudyJob, paths: Paths, spec: CropSpec, task_name: str) -> l
         save_npy(paths.crop_array(job.split, job.study_id, v), arrays[v])
     write_study_manifest(paths, job.split, job.study_id, job.fingerprint, rows)
     return rows
+
+
+def _no_series() -> dict:
+    return {v: _empty_view(NO_SERIES) for v in VIEWS}
 
 
 def _crop_row(anchor, roi: Roi, refs, spec: CropSpec, volumes: _Volumes, arrays: dict, i: int) -> dict:
@@ -527,12 +558,29 @@ def crop_report(manifest: pd.DataFrame, inst: pd.DataFrame, truth: pd.DataFrame 
             part[f"{v}_plane_mm"] = quantiles(m.loc[~m[f"{v}_missing"], f"{v}_plane_mm"], *QUANTILES)
             part[f"{v}_outside_image"] = int((m[f"{v}_inside"] == False).sum())  # noqa: E712 (nullable)
             part[f"{v}_clamped_slices"] = int(m[f"{v}_clamped"].fillna(0).sum())
+        part["recess_points"] = _recess_counts(m)
+        part["studies_without_series"] = int((m.groupby("study_id")["sag_reason"].first() == NO_SERIES).sum())
         if truth_d is not None:
             d = truth_d[truth_d.index.isin(m["row_id"])]
             part["ax_truth_plane_mm"] = quantiles(d, *QUANTILES)
             part["ax_within_3mm_share"] = round(float((d <= TRUTH_WITHIN_MM).mean()), 4) if len(d) else None
         report[split] = part
     return report
+
+
+def _recess_counts(m: pd.DataFrame) -> dict:
+    """Subarticular rows by where their point came from: their own (localized or labelled), the fixed
+    offset from the canal point (with the reason), or none."""
+    sub = m[m["condition"].str.contains("subarticular")]
+    fallback = sub["point_fallback"].fillna("")
+    own = (fallback == "") & (sub["point_source"] != "")
+    return {
+        "rows": len(sub),
+        "own_point": int(own.sum()),
+        "fixed_offset": int((fallback != "").sum()),
+        "no_point": int((sub["point_source"] == "").sum()),
+        "fixed_offset_reasons": {k: int(n) for k, n in fallback[fallback != ""].value_counts().items()},
+    }
 
 
 def _headline(report: dict) -> dict:
@@ -544,5 +592,9 @@ def _headline(report: dict) -> dict:
             out[f"{split}_ax_within_3mm_share"] = f"{part['ax_within_3mm_share']} (of {n} spinal rows)"
         out[f"{split}_ax_plane_mm_p50/p90"] = (
             f"{part['ax_plane_mm'].get('p50')}/{part['ax_plane_mm'].get('p90')}"
+        )
+        rp = part["recess_points"]
+        out[f"{split}_recess_own/fixed_offset/none"] = (
+            f"{rp['own_point']}/{rp['fixed_offset']}/{rp['no_point']}"
         )
     return out

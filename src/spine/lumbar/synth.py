@@ -8,10 +8,11 @@ offset from that axis in the sagittal plane and ``x`` the lateral offset from th
 perpendicular to the axis, so each disc's tilt follows the curve.
 
 Each of the 25 rows of a study has a latent severity s in [0, 1] that the phantom shows: the canal
-narrows at the disc (spinal), the foraminal fat shrinks (foraminal), the lateral recess shrinks
-(subarticular). The label is drawn from an ordinal reader model P(grade | s), so those probabilities
-are the Bayes-optimal answer; they go to the truth folder ``{out}_truth/`` with the points, the
-quirks placed and the prior and Bayes scores.
+narrows at the disc (spinal), the foraminal fat shrinks (foraminal), the lateral recess shrinks and
+moves medially (subarticular; each recess also has its own place per side and level). The label is
+drawn from an ordinal reader model P(grade | s), so those probabilities are the Bayes-optimal answer;
+they go to the truth folder ``{out}_truth/`` with the points, the quirks placed and the prior and
+Bayes scores.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ BASE_DISC_MM = np.array([7.0, 8.0, 9.0, 10.0, 11.0, 11.5, 10.0, 0.0, 0.0])
 BASE_BODY_MM = np.array([24.0, 26.0, 26.5, 27.0, 27.0, 26.5, 24.0, 20.0])  # T12 .. S2, between nodes
 FORAMEN_DT = 4.0  # foramina open just above their disc, below the upper pedicle
 RECESS_DB = -1.5  # lateral recesses sit in the front half of the canal
+# Where the recess sits varies with the anatomy (per side and level, on top of the study's canal width)
+# and with the grade: a stenotic recess is pinched medially by the facet, so its centre moves inwards.
+RECESS_X_JITTER, RECESS_B_JITTER = 1.5, 0.8  # mm, standard deviation per side and level
+RECESS_MEDIAL_MM = 3.0  # medial shift of the recess centre at s = 1
 # How far each sign goes at s = 1 (fraction of the normal size removed).
 CANAL_AP_LOSS, CANAL_LR_LOSS, DISC_BULGE_MM = 0.72, 0.30, 3.5
 FORAMEN_LOSS, RECESS_LOSS = 0.70, 0.85
@@ -161,6 +166,21 @@ class Spine:
     recess_x: float
     node_severity: np.ndarray  # (5 conditions, nodes); 0 at the unlabeled nodes
     degeneration: np.ndarray  # (nodes,) mean severity of a node: darkens and thins its disc
+    # (2 sides: left, right; nodes): each recess's own lateral / posterior offset from the study's
+    # recess_x / RECESS_DB (zero until ``vary_recesses``)
+    recess_dx: np.ndarray = None
+    recess_db: np.ndarray = None
+
+    def __post_init__(self):
+        n = len(self.t_nodes)
+        self.recess_dx = np.zeros((2, n)) if self.recess_dx is None else self.recess_dx
+        self.recess_db = np.zeros((2, n)) if self.recess_db is None else self.recess_db
+
+    def recess_at(self, side: int, node_sev: np.ndarray | float, node=slice(None)) -> tuple:
+        """(lateral |x|, b relative to the canal centre) of the recess centre of ``side`` (0 left,
+        1 right) at ``node`` whose subarticular severity is ``node_sev``: narrower recesses sit medially."""
+        x = self.recess_x + self.recess_dx[side, node] - RECESS_MEDIAL_MM * node_sev
+        return x, RECESS_DB + self.recess_db[side, node]
 
     @property
     def severity(self) -> np.ndarray:
@@ -234,7 +254,20 @@ class Spine:
             return self.to_patient(t, self.canal_b, 0.0)
         if group == "foraminal":
             return self.to_patient(t + FORAMEN_DT, self.foramen_b, side * self.foramen_x)
-        return self.to_patient(t, self.canal_b + RECESS_DB, side * self.recess_x)
+        node = FIRST_LEVEL_NODE + level
+        x, db = self.recess_at(0 if side > 0 else 1, self.node_severity[condition, node], node)
+        return self.to_patient(t, self.canal_b + db, side * x)
+
+
+def vary_recesses(spine: Spine, rng: np.random.Generator) -> None:
+    """Give each recess (side, level) its own lateral and AP place around the study's.
+
+    Drawn from a stream of its own, so the studies' other draws (and thus every other quirk of a
+    seed) stay where they were.
+    """
+    shape = spine.recess_dx.shape
+    spine.recess_dx = rng.normal(0.0, RECESS_X_JITTER, shape)
+    spine.recess_db = rng.normal(0.0, RECESS_B_JITTER, shape)
 
 
 def _centreline(
@@ -302,6 +335,7 @@ class _Local:
     half: np.ndarray  # half the thickness of that node's disc (0: fused)
     sev: np.ndarray  # (5 conditions, ...) that node's severities
     deg: np.ndarray  # that node's degeneration
+    recess: tuple  # per side (left, right): that node's recess centre (lateral |x|, b from the canal)
 
 
 def _locate(spine: Spine, t, b, x) -> _Local:
@@ -316,6 +350,10 @@ def _locate(spine: Spine, t, b, x) -> _Local:
         half=(spine.disc_mm / 2).astype(f32)[k],
         sev=spine.node_severity.astype(f32)[:, k],
         deg=spine.degeneration.astype(f32)[k],
+        recess=tuple(
+            tuple(v.astype(f32)[k] for v in spine.recess_at(side, spine.node_severity[3 + side]))
+            for side in (0, 1)
+        ),
     )
 
 
@@ -381,9 +419,13 @@ def _paint_canal(img, sp: Spine, loc: _Local, v: dict, edge: float) -> None:
     _paint(img, _ellipse(loc.x, loc.bc, sp.canal_lr + 1.0, sp.canal_ap + 1.0, edge), v["ligament"])
     _paint(img, _ellipse(loc.x, loc.bc, lr + 2.0, ap + 1.0, edge), v["fat"])
     csf = _ellipse(loc.x, loc.bc, lr, ap, edge)
-    for side, ci in ((1.0, 3), (-1.0, 4)):
-        f = 1.0 - RECESS_LOSS * sev[ci] * _gauss(loc.dt, 5.0)
-        recess = _ellipse(loc.x - side * sp.recess_x, loc.bc - RECESS_DB, 4.5 * f, 4.0 * f, edge)
+    for j, (side, ci) in enumerate(((1.0, 3), (-1.0, 4))):
+        g = _gauss(loc.dt, 5.0)
+        f = 1.0 - RECESS_LOSS * sev[ci] * g
+        rx, rb = loc.recess[j]
+        # the medial shift fades away from the disc like the narrowing, so the recess runs smoothly
+        rx = rx + RECESS_MEDIAL_MM * sev[ci] * (1.0 - g)
+        recess = _ellipse(loc.x - side * rx, loc.bc - rb, 4.5 * f, 4.0 * f, edge)
         csf = np.maximum(csf, recess)
     _paint(img, csf, v["csf"])
 
@@ -685,6 +727,7 @@ def _plan_study(seed: int, split: str, index: int, study_id: int) -> StudyPlan:
     grades = (rng.random(severity.shape)[..., None] > np.cumsum(probs, -1)[..., :2]).sum(-1)
     missing = rng.random(severity.shape) < MISSING_RATE[None, :]
     spine = sample_spine(rng, severity)
+    vary_recesses(spine, np.random.default_rng([seed, 0 if split == "train" else 1, index, 5]))
     missing_series = None
     if split == "test" and rng.random() < P_MISSING_SERIES:
         missing_series = str(rng.choice(["Axial T2", "Sagittal T1", "Sagittal T2/STIR"], p=[0.5, 0.3, 0.2]))

@@ -35,7 +35,8 @@ CONDITION_SERIES = {
 }
 
 # What the sagittal localizer (stage 02) finds, per series description: the conditions whose
-# train_label_coordinates points lie on that series. Subarticular points come from registration.
+# train_label_coordinates points lie on that series. Subarticular points come from stage 02's axial
+# recess model (spine.lumbar.localize, `localize.axial`), on the Axial T2 slice the canal point projects to.
 LOCALIZER_TARGETS = {
     "Sagittal T2/STIR": ["spinal_canal_stenosis"],
     "Sagittal T1": ["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"],
@@ -64,6 +65,7 @@ class LumbarTask(Task):
         "train": "spine.lumbar.classify:run_train",
         "predict": "spine.lumbar.classify:predict_test",
         "overlays": "spine.lumbar.viz:write_overlays",
+        "partial_rows": "spine.lumbar.classify:missing_view_rows",
     }
 
     def stack_group(self, row_id: str) -> str:

@@ -36,6 +36,7 @@ AXIAL_BOXES = [
     ("left_subarticular_stenosis", "cyan"),
     ("right_subarticular_stenosis", "magenta"),
 ]
+RECESS_CONDITIONS = ["left_subarticular_stenosis", "right_subarticular_stenosis"]  # points on Axial T2
 SHORT_NAMES = {
     "spinal_canal_stenosis": "canal",
     "left_neural_foraminal_narrowing": "L foramen",
@@ -146,7 +147,8 @@ def sagittal_figure(data: OverlayData, study_id) -> Figure:
 
 
 def axial_figure(data: OverlayData, study_id) -> Figure:
-    """Per level, the axial slice chosen for the canal with the crop boxes of canal and both recesses.
+    """Per level, the axial slice chosen for the canal with the crop boxes of canal and both recesses,
+    and the labelled and stage-02 recess points projected onto it.
 
     A box whose crop comes from another slice of the same stack is dashed; one from another stack is
     not drawn (its slice is not the one shown).
@@ -168,7 +170,16 @@ def axial_figure(data: OverlayData, study_id) -> Figure:
         _show(ax, _slice_of(data, ref, int(canal["ax_index"])), title)
         for condition, colour in AXIAL_BOXES:
             _draw_box(ax, m.loc[(condition, level)], ref, int(canal["ax_index"]), colour)
-    fig.suptitle(f"study {study_id}: axial crops (canal yellow, left recess cyan, right magenta)", fontsize=9)
+        for table, style in ((data.labels, LABEL_STYLE), (data.predicted, PRED_STYLE)):
+            pts = _study_points(table, study_id, RECESS_CONDITIONS)
+            _draw_points(
+                ax, pts[pts["level"] == level] if len(pts) else pts, ref, int(canal["ax_index"]), style, False
+            )
+    fig.suptitle(
+        f"study {study_id}: axial crops (canal yellow, left recess cyan, right magenta); "
+        "recess points: labels o, stage 02 x",
+        fontsize=9,
+    )
     return fig
 
 

@@ -1,9 +1,10 @@
-"""A small 3D UNet for vertebra segmentation on a whole resampled CT volume.
+"""A small 3D UNet for vertebra segmentation on a CT volume resampled to fixed millimetres per voxel.
 
-Why 3D over the whole volume rather than 2.5D slices: C3..C7 look alike slice by slice; which one a
-vertebra is follows from counting down from C1 and C2, so the model needs context along the whole
-neck. A UNet over the volume resampled to a fixed grid (e.g. 24 x 32² on CPU, 128³ on a GPU) sees it
-all.
+Why 3D over the neck rather than 2.5D slices: C3..C7 look alike slice by slice; which one a vertebra
+is follows from counting down from C1 and C2, so the model needs context along the neck. The grid has
+fixed mm per voxel (``segment.voxel_mm``), so a vertebra has the same size in voxels whatever the
+study's slice spacing or count, and the network is fully convolutional along the slices (any depth
+that is a multiple of ``multiple``).
 
 CPU note: PyTorch runs a 3D convolution through oneDNN only when the batch (or the first dimensions)
 is large enough; a batch of one volume takes a ~3x slower path, so train with batches of 2 or more.
@@ -37,16 +38,20 @@ class UNet3D(nn.Module):
     must be divisible by 2 ** (len(widths) - 1). The decoder upsamples trilinearly (no transposed
     convolutions: no checkerboard artefacts, fewer weights).
 
-    With ``coords``, three channels with each voxel's place in the grid (-1..1 along slices, rows and
-    columns) are appended to the input (CoordConv): where in the field of view a vertebra lies is a
-    strong first guess of which one it is, learned in a few steps, which the image then corrects.
+    With ``coord_mm`` (the grid's row and column spacing in mm), two channels are appended to the input
+    (CoordConv): each voxel's distance from the grid's centre in the row and column directions, in
+    units of 100 mm. The grid is centred on the spine (found before the model runs), so these say
+    "how far from the spine's axis", the same in every study whatever its pixel spacing; no channel
+    for the slice axis, where a grid position would say nothing anatomical.
     """
 
-    def __init__(self, in_chans: int, n_classes: int, widths=(16, 32, 64, 128), coords: bool = False):
+    def __init__(
+        self, in_chans: int, n_classes: int, widths=(16, 32, 64, 128), coord_mm: tuple | None = None
+    ):
         super().__init__()
         widths = [int(w) for w in widths]
-        self.coords = coords
-        c0 = in_chans + 3 * coords
+        self.coord_mm = tuple(float(v) for v in coord_mm) if coord_mm else None
+        c0 = in_chans + 2 * bool(self.coord_mm)
         self.down = nn.ModuleList(ConvBlock(c_in, c) for c_in, c in zip([c0, *widths[:-1]], widths))
         self.up = nn.ModuleList(ConvBlock(c_deep + c, c) for c_deep, c in zip(widths[1:], widths[:-1]))
         self.head = nn.Conv3d(widths[0], n_classes, 1)
@@ -55,10 +60,8 @@ class UNet3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.multiple for s in x.shape[2:]):
             raise ValueError(f"grid {tuple(x.shape[2:])} is not divisible by {self.multiple}")
-        if self.coords:
-            axes = [torch.linspace(-1, 1, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
-            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
-            x = torch.cat([x, grid[None].expand(len(x), -1, -1, -1, -1)], 1)
+        if self.coord_mm:
+            x = torch.cat([x, self._coords(x)], 1)
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool3d(x, 2))
@@ -67,3 +70,13 @@ class UNet3D(nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = block(torch.cat([x, skip], 1))
         return self.head(x)
+
+    def _coords(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2, D, H, W): row and column distance of each voxel from the grid centre, in 100 mm."""
+        b, _, d, h, w = x.shape
+        rows, cols = (
+            (torch.arange(n, device=x.device, dtype=x.dtype) + 0.5 - n / 2) * mm / 100.0
+            for n, mm in zip((h, w), self.coord_mm)
+        )
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
+        return grid[None, :, None].expand(b, 2, d, h, w)

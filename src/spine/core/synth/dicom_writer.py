@@ -47,16 +47,21 @@ def write_slice(
     patient_id: str = "0",
     rescale: tuple[float, float] | None = None,
     syntax: str = "explicit",
+    bits_stored: int = 12,
 ) -> None:
     """Write ``pixels`` (2D uint16 or int16 stored values) as one DICOM file.
 
     ``rescale`` = (slope, intercept) adds the Rescale tags (CT: HU = stored * slope + intercept).
     ``syntax`` is one of SYNTAXES: explicit / implicit VR little endian, RLE or JPEG 2000 lossless.
+    ``bits_stored``: BitsAllocated is 16; like most scanners the default stores 12 bits (HighBit 11),
+    so uint16 values must lie in 0..4095 and int16 values in -2048..2047 (CT: HU -1024..3071 as
+    uint16 with intercept -1024). Values that do not fit are an error, never silently wrapped.
     """
     if pixels.ndim != 2 or pixels.dtype not in (np.uint16, np.int16):
         raise ValueError(f"pixels must be 2D uint16/int16, got {pixels.dtype} {pixels.shape}")
     if syntax not in SYNTAXES:
         raise ValueError(f"unknown syntax {syntax!r}; choose from {sorted(SYNTAXES)}")
+    _check_fits(pixels, bits_stored, path)
     sop_uid = f"{series_uid}.{instance_number}"[:64]
 
     meta = FileMetaDataset()
@@ -86,8 +91,8 @@ def write_slice(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsStored = int(bits_stored)
+    ds.HighBit = int(bits_stored) - 1
     ds.PixelRepresentation = int(pixels.dtype == np.int16)
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = float(rescale[0]), float(rescale[1])
@@ -104,6 +109,21 @@ def write_slice(
         ds.file_meta.TransferSyntaxUID = ts
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True, implicit_vr=ts == ImplicitVRLittleEndian, little_endian=True)
+
+
+def _check_fits(pixels: np.ndarray, bits_stored: int, path: Path) -> None:
+    """Refuse values outside the range ``bits_stored`` bits can hold (they would be masked on reading)."""
+    if not 1 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be 1..16 (BitsAllocated is 16), got {bits_stored}")
+    signed = pixels.dtype == np.int16
+    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    vmin, vmax = int(pixels.min()), int(pixels.max())
+    if vmin < lo or vmax > hi:
+        raise ValueError(
+            f"{path}: {pixels.dtype} values {vmin}..{vmax} do not fit BitsStored {bits_stored} ({lo}..{hi}); "
+            "clip them, store them unsigned with a RescaleIntercept (CT: HU - (-1024) in 0..4095), "
+            "or pass bits_stored=16"
+        )
 
 
 def read_back(path: Path) -> np.ndarray:

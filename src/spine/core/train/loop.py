@@ -15,8 +15,9 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -165,7 +166,7 @@ def fit(
     last = Path(str(checkpoint) + ".last")
     start, history, best = 0, [], {"score": math.inf, "epoch": -1}
     if last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
+        state = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -210,7 +211,7 @@ def fit(
     dist.barrier()
     if s.select == "best" and best["epoch"] >= 0:
         final.load_state_dict(
-            torch.load(checkpoint.with_suffix(".best"), map_location=device, weights_only=False)["model"]
+            torch.load(checkpoint.with_suffix(".best"), map_location=device, weights_only=True)["model"]
         )
     if dist.is_main():
         save_checkpoint(
@@ -230,12 +231,37 @@ def fit(
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: a checkpoint is never half written."""
+    """torch.save to a temporary file, then rename: a checkpoint is never half written.
+
+    Everything is made plain first (tensors, dicts, lists, numbers, strings), so that every checkpoint
+    loads with ``torch.load(weights_only=True)``, which runs no code from the file.
+    """
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(plain(state), tmp)
+
+
+def plain(obj, where: str = "checkpoint"):
+    """``obj`` with numpy scalars and arrays as numbers and tensors and paths as strings; anything else
+    not plain is a TypeError naming where it sits (it would not load with weights_only)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)):
+        return obj
+    if isinstance(obj, dict):
+        out = type(obj)((k, plain(v, f"{where}[{k!r}]")) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state dict's per-module versions, read by load_state_dict
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise TypeError(f"{where} is a {type(obj).__name__}: save a tensor, number, string, list or dict")
 
 
 def load_weights(model: torch.nn.Module, path: Path, device) -> torch.nn.Module:
     """Load the ``model`` weights of a checkpoint written by ``fit``."""
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
     return model.to(device).eval()

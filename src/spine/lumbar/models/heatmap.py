@@ -118,3 +118,12 @@ def decode_peaks(logits: torch.Tensor, radius: int = 2, allowed=None) -> tuple[t
         coords[j] = torch.stack([(g * win).sum() / mass for g in grids])
         conf[j] = mass
     return coords, conf
+
+
+def patch_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``heatmap_loss`` over a batch of independent single-slice patches.
+
+    logits (B, K, h, w); target (B, K, 3) in heatmap cells (slice 0), NaN rows skipped. Each patch is
+    its own 1-slice stack, so a keypoint's softmax never spreads over another patch.
+    """
+    return torch.stack([heatmap_loss(logits[b : b + 1], target[b], sigma) for b in range(len(logits))]).mean()
