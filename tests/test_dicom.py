@@ -113,7 +113,7 @@ def test_fast_path_masks_high_bits_like_pydicom(tmp_path, monkeypatch, syntax, d
         raise AssertionError("uncompressed little-endian data must not go through pydicom")
 
     monkeypatch.setattr(dicom, "pydicom_pixels", not_taken)
-    monkeypatch.setattr(dicom, "_dcmread", not_taken)  # the minimal reader, not pydicom, reads it
+    monkeypatch.setattr(dicom, "_dcmread", not_taken)  # dicomsdl, not pydicom, reads the header too
     pixels, meta = read_instance(path)
     assert meta["transfer_syntax"] == syntax and pixels.dtype == np.int16
     np.testing.assert_array_equal(pixels, expected)
@@ -171,7 +171,7 @@ def test_empty_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("syntax", ["explicit", "implicit"])
-def test_minimal_reader_agrees_with_pydicom(tmp_path, monkeypatch, syntax):
+def test_dicomsdl_header_agrees_with_pydicom(tmp_path, monkeypatch, syntax):
     """Sequences (defined and undefined length, nested tags of the same name) and private tags."""
     rng = np.random.default_rng(1)
     path = _write(tmp_path / "x.dcm", rng.integers(0, 4096, (10, 12)).astype(np.uint16), syntax=syntax)
@@ -183,21 +183,51 @@ def test_minimal_reader_agrees_with_pydicom(tmp_path, monkeypatch, syntax):
     ds["ReferencedImageSequence"].is_undefined_length = True
     ds.SourceImageSequence = Sequence([Dataset()])
     ds.add_new(0x00291010, "OB", b"\x01\x02\x03\x04")
+    ds.PixelSpacing = ["0.3125", "0.1"]
+    ds.RescaleSlope = ""  # empty: absent, not 0 (dicomsdl reads an empty DS as 0)
+    ds.RescaleIntercept = "0"  # a real 0
     ds.save_as(path, implicit_vr=syntax == "implicit", little_endian=True)
 
-    assert dicom.scan_native(path.read_bytes()) is not None
+    assert dicom.open_with_dicomsdl(path.read_bytes()) is not None
     fast = read_instance(path)
-    monkeypatch.setattr(dicom, "scan_native", lambda data: None)  # force pydicom's reading
+    monkeypatch.setattr(dicom, "open_with_dicomsdl", lambda data: None)  # force pydicom's reading
     slow = read_instance(path)
     np.testing.assert_array_equal(fast[0], slow[0])
+    assert fast[0].dtype == slow[0].dtype == np.int16
     assert fast[1] == slow[1] and fast[1]["ipp"] == [0.0, 0.0, 0.0]
+    assert fast[1]["pixel_spacing"] == [0.3125, 0.1] and type(fast[1]["rows"]) is int
+
+
+@pytest.mark.parametrize("syntax", ["explicit", "implicit"])
+@pytest.mark.parametrize("cut", [1, 2, 100])
+def test_truncated_uncompressed_file_never_reaches_dicomsdl(tmp_path, syntax, cut):
+    """dicomsdl 0.109.4 segfaults on uncompressed pixel data cut short: such a file must go to pydicom."""
+    path = _write(tmp_path / "x.dcm", np.zeros((8, 8), np.uint16), syntax=syntax)
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    with pytest.raises(DicomError, match="truncated") as e:
+        read_instance(path)
+    assert e.value.reason == "truncated pixel data"
+
+
+def test_element_after_the_pixel_data_goes_to_pydicom(tmp_path, monkeypatch):
+    stored = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    path = _write(tmp_path / "x.dcm", stored)
+    ds = pydicom.dcmread(path)
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 8)  # trailing padding, written after Pixel Data
+    ds.save_as(path)
+    assert not dicom.pixel_data_ends_file(path.read_bytes(), dicom._header(ds), explicit=True)
+    taken = []
+    monkeypatch.setattr(dicom, "pydicom_pixels", lambda ds: taken.append(1) or ds.pixel_array)
+    np.testing.assert_array_equal(read_instance(path)[0], stored)
+    assert taken == [1]
 
 
 @pytest.mark.parametrize("syntax", ["rle", "j2k"])
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16])
-def test_compressed_12_bit_files_match_pydicom(tmp_path, syntax, dtype):
-    """dicomsdl (when installed) or pydicom: the same values as pydicom's pixel_array, high bits masked
-    (RLE stores all 16 bits, so garbage there survives compression)."""
+def test_compressed_12_bit_files_match_pydicom(tmp_path, monkeypatch, syntax, dtype):
+    """dicomsdl: the same values as pydicom's pixel_array, high bits masked (RLE stores all 16 bits,
+    so garbage there survives compression)."""
     rng = np.random.default_rng(2)
     lo, hi = (-2048, 2048) if dtype == np.int16 else (0, 4096)
     values = rng.integers(lo, hi, (64, 64)).astype(dtype)
@@ -206,6 +236,8 @@ def test_compressed_12_bit_files_match_pydicom(tmp_path, syntax, dtype):
     path = _write(tmp_path / "x.dcm", written, syntax=syntax, bits_stored=16)
     _set(path, BitsStored=12, HighBit=11)  # declared after encoding: the junk bits stay in the data
     np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, values)
+    pytest.importorskip("dicomsdl")
+    monkeypatch.setattr(dicom, "_dcmread", lambda *a: pytest.fail("dicomsdl must read this file"))
     pixels, meta = read_instance(path)
     assert meta["transfer_syntax"] == {"rle": "rle", "j2k": "jpeg2000-lossless"}[syntax]
     np.testing.assert_array_equal(pixels, values)

@@ -257,3 +257,21 @@ def test_numba_alignment_matches_numpy_on_a_stored_mask(tmp_path):
     np.testing.assert_array_equal(fast, bench.align_mask_numpy(path, geo, labels.shape))
     np.testing.assert_array_equal(fast, labels)
     assert len(np.unique(labels)) == 9  # background and the 8 boxes all present
+
+
+def test_order_counts_confused_vertebrae_down_the_neck():
+    """Seven separate bone pieces in a column: the model calls the top two C1 and C2 and every other
+    one C4 (the look-alike C3..C7); the order relabelling counts them down: C1..C7, top to bottom."""
+    from spine.cervical.segment import order_components
+
+    labels = np.zeros((70, 6, 6), dtype=np.uint8)
+    said = [1, 2, 4, 4, 4, 4, 4]
+    for i, lab in enumerate(said):  # piece i on slices 10 i .. 10 i + 7 (a 2-slice gap: the disc)
+        labels[10 * i : 10 * i + 8, 1:5, 1:5] = lab
+    z = -np.arange(70, dtype=float)  # slice 0 is the top (head)
+    out = order_components(labels, z)
+    got = [int(out[10 * i + 3, 2, 2]) for i in range(7)]
+    assert got == [1, 2, 3, 4, 5, 6, 7]
+    # the same stack stored feet first: the votes, not the slice order, say where the head is
+    flipped = order_components(labels[::-1].copy(), z)
+    assert [int(flipped[69 - (10 * i + 3), 2, 2]) for i in range(7)] == got

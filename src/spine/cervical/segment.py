@@ -13,10 +13,12 @@ Model (``spine.cervical.models.unet.UNet3D``): every study is resampled to a gri
 per voxel (``segment.voxel_mm``), by position, not slice index, so slice spacing and count never change
 the scale. In-plane the grid covers ``segment.field_mm`` centred on the spine (the median of the bone
 pixels); along the slices it covers the whole stack (the UNet is fully convolutional), and training
-takes random windows of ``field_mm[0]``. Channels: the HU windows of ``segment.windows``
-(``spine.cervical.ct``) and, with ``coords``, each voxel's distance in mm from the spine axis. The UNet
-predicts 9 classes (background, C1..C7, thoracic), because which of the look-alike C3..C7 a vertebra is
-follows from counting down the neck. Loss: cross entropy + soft Dice; random affine and intensity
+takes whole studies (padded with air) up to ``field_mm[0]``, random windows of it beyond: the model sees
+C1 on top and can count down (a GRU along the slices at the deepest level, ``z_context``). Channels:
+the HU windows of ``segment.windows`` (``spine.cervical.ct``) and, with ``coords``, each voxel's
+distance in mm from the spine axis. The UNet predicts 9 classes (background, C1..C7, thoracic), because
+which of the look-alike C3..C7 a vertebra is follows from counting down the neck. Loss: cross entropy +
+soft Dice; random affine, left-right mirror (``flip``; prediction averages both) and intensity
 augmentation per batch.
 
 Folds: the shared study folds (``spine.core.folds.load_folds``); the model of fold k trains on the
@@ -27,7 +29,10 @@ models' probabilities (source ``fold_mean``); stage 06 does the same for a new t
 
 Reduction to the cached stack: the grid probabilities are interpolated back to every cached slice and
 pixel (a few slices at a time); each voxel takes its most likely class, restricted to that class's
-largest connected component on the grid (dilated by one voxel), which drops stray islands. Outputs:
+largest connected component on the grid (dilated by one voxel), which drops stray islands. With
+``refine_hu`` the boundaries come from the full-resolution bone; with ``order`` the labelled bone pieces
+are relabelled in anatomical order along the slices (``order_components``: C1, C2, then C3..C7 one
+piece each, then the thorax), which counts the look-alike C3..C7 a small model confuses. Outputs:
 
 - ``paths.vertebrae`` (``VERTEBRA_COLUMNS``): one row per (split, study, vertebra C1..C7) of every
   study, found or not: slice span and pixel box in the cached stack (inclusive; NaN when not found),
@@ -438,7 +443,9 @@ def train_depth(sc, depths=()) -> int:
 def build_model(sc) -> UNet3D:
     """The segmenter of ``segment``: HU windows in, C1..C7 + thoracic + background out."""
     coord_mm = tuple(sc.voxel_mm[1:]) if sc.coords else None
-    return UNet3D(len(sc.windows), N_CLASSES, tuple(sc.widths), coord_mm=coord_mm)
+    return UNet3D(
+        len(sc.windows), N_CLASSES, tuple(sc.widths), coord_mm=coord_mm, z_context=bool(sc.z_context)
+    )
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, sc, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,6 +574,7 @@ def reduce_to_stack(
     truth: np.ndarray | None = None,
     stack: ct.CTStack | None = None,
     refine_hu: float | None = None,
+    order: bool = False,
 ) -> Reduced:
     """Interpolate grid probabilities back to the cached stack ``shape`` through the study's ``field``
     (a few slices at a time; zero outside the grid), label every voxel by its most likely class within
@@ -576,7 +584,9 @@ def reduce_to_stack(
     With ``refine_hu`` (and the study's ``stack``), boundaries come from the full-resolution image
     instead of the coarse grid: a voxel is vertebra when its HU is at least ``refine_hu`` and the
     vertebra classes hold at least REFINE_MIN_FOREGROUND of its interpolated probability; it takes the
-    most likely vertebra class. The unrefined labels are still scored (``raw_*``) when ``truth`` is given.
+    most likely vertebra class. With ``order``, the labelled pieces are then relabelled in anatomical
+    order along the slices (``order_components``). The model's own labels (interpolated grid, before
+    refinement and order) are still scored (``raw_*``) when ``truth`` is given.
     """
     n, rows, cols = shape
     dev = probs.device
@@ -586,59 +596,131 @@ def reduce_to_stack(
     keep = kept_components(probs)
     jz, iy, ix = wz.argmax(1), wr.argmax(1), wc.argmax(1)  # the nearest grid cell (weights peak there)
     flat = probs.reshape(N_CLASSES, d, -1).permute(1, 0, 2).reshape(d, -1)  # (d, classes*h*w)
-    counts = np.zeros((n, nv), dtype=np.int64)
-    slice_prob = np.zeros((n, nv), dtype=np.float32)
-    sagittal, coronal = np.zeros((n, rows), dtype=np.uint8), np.zeros((n, cols), dtype=np.uint8)
-    cr, cc = field.centre
-    conf = np.zeros(nv)
-    rmin, rmax = np.full(nv, rows), np.full(nv, -1)
-    cmin, cmax = np.full(nv, cols), np.full(nv, -1)
-    overlap, true_vox = np.zeros(nv, dtype=np.int64), np.zeros(nv, dtype=np.int64)
+    labels = np.zeros(shape, dtype=np.uint8)
+    conf = np.zeros(shape, dtype=np.uint8)  # max probability x 255: the voxel's confidence
     raw_vox, raw_overlap = np.zeros(nv, dtype=np.int64), np.zeros(nv, dtype=np.int64)
     refine = refine_hu is not None and stack is not None
     classes = torch.arange(1, nv + 1, device=dev)[None, :, None, None]
-    ar, ac = torch.arange(rows, device=dev), torch.arange(cols, device=dev)
     for k0 in range(0, n, chunk):
         k1 = min(n, k0 + chunk)
         p = (wz[k0:k1] @ flat).reshape(k1 - k0, N_CLASSES, *probs.shape[2:])
         p = wr @ p @ wc.T  # (s, classes, R, C); zero outside the grid: background there
         kp = keep[:, jz[k0:k1]][:, :, iy][:, :, :, ix].permute(1, 0, 2, 3)  # (s, classes, R, C)
+        vertebra_share = p[:, 1:].sum(1)  # before the kept components: the refinement's foreground
         p = p * kp
         maxp, lab = p.max(1)
-        raw = lab
-        if refine:
-            hu = torch.from_numpy(stack.read(slice(k0, k1))).to(dev)
-            bone = (hu >= refine_hu) & (p[:, 1:].sum(1) >= REFINE_MIN_FOREGROUND)
-            lab = torch.where(bone, p[:, 1:].max(1).indices + 1, torch.zeros_like(lab))  # max: argmax(1) is ~10x slower
-        sagittal[k0:k1] = lab[:, :, cc].cpu().numpy()
-        coronal[k0:k1] = lab[:, cr, :].cpu().numpy()
-        onehot = lab[:, None] == classes  # (s, 7, R, C)
-        counts[k0:k1] = onehot.sum((2, 3)).cpu().numpy()
-        slice_prob[k0:k1] = p[:, 1 : nv + 1].amax((2, 3)).cpu().numpy()
-        conf += (onehot * maxp[:, None]).sum((0, 2, 3)).double().cpu().numpy()
-        on_rows, on_cols = onehot.any(3).any(0), onehot.any(2).any(0)  # (7, R), (7, C)
-        big = rows + cols
-        rmin = np.minimum(rmin, torch.where(on_rows, ar, big).amin(1).cpu().numpy())
-        rmax = np.maximum(rmax, torch.where(on_rows, ar, -1).amax(1).cpu().numpy())
-        cmin = np.minimum(cmin, torch.where(on_cols, ac, big).amin(1).cpu().numpy())
-        cmax = np.maximum(cmax, torch.where(on_cols, ac, -1).amax(1).cpu().numpy())
         if truth is not None:
             t_hot = torch.from_numpy(truth[k0:k1]).to(dev)[:, None] == classes
-            overlap += (onehot & t_hot).sum((0, 2, 3)).cpu().numpy()
-            true_vox += t_hot.sum((0, 2, 3)).cpu().numpy()
-            raw_hot = raw[:, None] == classes
+            raw_hot = lab[:, None] == classes
             raw_vox += raw_hot.sum((0, 2, 3)).cpu().numpy()
             raw_overlap += (raw_hot & t_hot).sum((0, 2, 3)).cpu().numpy()
-    return Reduced(
-        counts,
-        conf,
-        np.stack([rmin, rmax], 1),
-        np.stack([cmin, cmax], 1),
-        slice_prob,
-        sagittal,
-        coronal,
-        *((overlap, true_vox, raw_vox, raw_overlap) if truth is not None else (None,) * 4),
-    )
+        if refine:
+            hu = torch.from_numpy(stack.read(slice(k0, k1))).to(dev)
+            bone = (hu >= refine_hu) & (vertebra_share >= REFINE_MIN_FOREGROUND)
+            fg = p[:, 1:].max(1)  # max(1), not argmax(1): ~10x faster on CPU
+            lab = torch.where(bone, fg.indices + 1, torch.zeros_like(lab))
+        labels[k0:k1] = lab.cpu().numpy()
+        conf[k0:k1] = (maxp * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    if order:
+        labels = order_components(labels, field.stack_z)
+    red = _gather(labels, conf, field, truth)
+    if truth is not None:
+        red.raw_voxels, red.raw_overlap = raw_vox, raw_overlap
+    return red
+
+
+def _gather(labels: np.ndarray, conf: np.ndarray, field: Field, truth: np.ndarray | None) -> Reduced:
+    """Per-slice and per-vertebra figures of a labelled stack (and its overlap with ``truth``)."""
+    n = len(labels)
+    nv = len(VERTEBRAE)
+    counts = np.zeros((n, nv), dtype=np.int64)
+    slice_prob = np.zeros((n, nv), dtype=np.float32)
+    conf_sum = np.zeros(nv)
+    for k in range(n):
+        lab, c = labels[k].ravel(), conf[k].ravel().astype(np.float64) / 255
+        counts[k] = np.bincount(lab, minlength=N_CLASSES)[1 : nv + 1]
+        conf_sum += np.bincount(lab, weights=c, minlength=N_CLASSES)[1 : nv + 1]
+        hi = np.zeros(N_CLASSES)
+        np.maximum.at(hi, lab, c)
+        slice_prob[k] = hi[1 : nv + 1]
+    boxes = ndimage.find_objects(labels, max_label=nv)
+    rows = np.array([[b[1].start, b[1].stop - 1] if b else [labels.shape[1], -1] for b in boxes])
+    cols = np.array([[b[2].start, b[2].stop - 1] if b else [labels.shape[2], -1] for b in boxes])
+    cr, cc = field.centre
+    red = Reduced(counts, conf_sum, rows, cols, slice_prob, labels[:, :, cc].copy(), labels[:, cr, :].copy())
+    if truth is not None:
+        on = (labels >= 1) & (labels <= nv) & (labels == truth)
+        red.overlap = np.bincount(labels[on], minlength=N_CLASSES)[1 : nv + 1]
+        red.true_voxels = np.bincount(truth.ravel(), minlength=N_CLASSES)[1 : nv + 1]
+    return red
+
+
+ORDER_MIN_PIECE = 0.1  # pieces under this share of the largest keep their labels (fragments)
+ORDER_SKIP_COST = 1.5  # a vertebra missing from the sequence costs this share of the median piece
+ORDER_KEEP = 0.25  # a piece gains this share of its voxels for being labelled at all (it is bone the
+# model calls vertebra): with a model unsure which vertebra it is, counting the pieces then decides
+
+
+def order_components(labels: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
+    """Relabel the labelled pieces (6-connected) of a stack so that C1..C7 and the thorax follow each
+    other along the slices: a model that sees a few vertebrae at a time confuses the look-alike C3..C7,
+    while bone pieces in a row along the neck can only be counted one way.
+
+    Each piece votes with its voxels' labels; ``sequence_labels`` picks the labels, one per piece in
+    z order (``z_mm``: each slice's position), that keep the most votes under the anatomical order.
+    Both directions along z are tried (which end is the head follows from the votes, not the header).
+    Fragments (under ORDER_MIN_PIECE of the largest piece) keep their voxels' labels.
+    """
+    comp, n = ndimage.label(labels > 0)
+    if n < 2:
+        return labels
+    per_slice = np.stack([np.bincount(c.ravel(), minlength=n + 1) for c in comp])  # (slices, pieces+1)
+    size = per_slice.sum(0)[1:]
+    z = (np.asarray(z_mm, dtype=np.float64) @ per_slice)[1:] / np.maximum(size, 1)
+    votes = np.bincount(
+        (comp.astype(np.int64) * N_CLASSES + labels).ravel(), minlength=(n + 1) * N_CLASSES
+    ).reshape(n + 1, N_CLASSES)[1:]
+    big = np.flatnonzero(size >= ORDER_MIN_PIECE * size.max())
+    skip = ORDER_SKIP_COST * float(np.median(size[big]))
+    best = None
+    for order in (big[np.argsort(-z[big])], big[np.argsort(z[big])]):
+        score, seq = sequence_labels(votes[order] + ORDER_KEEP * size[order, None], skip)
+        if best is None or score > best[0]:
+            best = (score, order, seq)
+    _, order, seq = best
+    relabel = np.zeros(n + 1, dtype=bool)
+    relabel[1 + order] = True
+    mapping = np.zeros(n + 1, dtype=np.uint8)
+    mapping[1 + order] = seq
+    return np.where(relabel[comp], mapping[comp], labels)
+
+
+def sequence_labels(votes: np.ndarray, skip_cost: float) -> tuple[float, np.ndarray]:
+    """Labels for pieces in head-to-feet order (``votes``: pieces x classes voxel counts, class 0 the
+    background, the last the thorax). Each piece is dropped (label 0, gains nothing) or takes a label
+    after the previous piece's: the next vertebra, or a later one at ``skip_cost`` per vertebra
+    skipped; only the thorax (12 vertebrae) repeats. Maximises the voxel votes kept (dynamic
+    programming over the last label used). Returns (score, labels)."""
+    m, k = votes.shape
+    thorax = k - 1
+    score = np.full(k, -np.inf)
+    score[0] = 0.0  # state: the last label used (0: none yet)
+    back = np.full((m, k), -1, dtype=np.int64)  # previous state when piece i took label l; -1 dropped
+    for i in range(m):
+        new = score.copy()  # dropping piece i keeps the state
+        for lab in range(1, k):
+            prev = np.arange(lab + (lab == thorax))  # strictly earlier states (or the thorax again)
+            gain = score[prev] - skip_cost * np.clip(lab - prev - 1, 0, None) + votes[i, lab]
+            j = int(np.argmax(gain))
+            if gain[j] > new[lab]:
+                new[lab], back[i, lab] = gain[j], prev[j]
+        score = new
+    state = int(np.argmax(score))
+    out = np.zeros(m, dtype=np.uint8)
+    for i in range(m - 1, -1, -1):
+        if back[i, state] >= 0:
+            out[i], state = state, int(back[i, state])
+    return float(score.max()), out
 
 
 def vertebra_rows(item: StudyItem, red: Reduced | None, source: str, min_voxels: int) -> list[dict]:
@@ -724,7 +806,9 @@ def predict_studies(
             geo = geos[(it.study_id, it.series_id, it.stack)]
             aligned = aligned_mask(it.mask, geo, it.shape, stack, float(sc.min_bone_share))
         truth = to_classes(aligned.labels) if aligned is not None else None
-        red = reduce_to_stack(probs, field, it.shape, int(sc.chunk_slices), truth, stack, sc.refine_hu)
+        red = reduce_to_stack(
+            probs, field, it.shape, int(sc.chunk_slices), truth, stack, sc.refine_hu, bool(sc.order)
+        )
         study_rows = vertebra_rows(it, red, source, sc.min_voxels)
         if aligned is not None:
             for r in study_rows:

@@ -1,4 +1,10 @@
-"""Read one DICOM instance: pixels in output units (rescale applied) and its geometry tags."""
+"""Read one DICOM instance: pixels in output units (rescale applied) and its geometry tags.
+
+dicomsdl (compiled) reads the usual files: the header tags and the stored pixel values of
+uncompressed little-endian, RLE and JPEG 2000 files. pydicom (+ the pylibjpeg plugins) reads the
+rest (no preamble, big endian, deflated, JPEG, JPEG-LS, unknown syntaxes, anything dicomsdl fails
+on) and words the error messages.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,14 @@ import numpy as np
 import pydicom
 from pydicom import uid as U
 
-try:  # optional: a compiled decoder, faster than pydicom's handlers on compressed files
+try:  # optional: a compiled reader, several times faster than pydicom's Dataset
     import dicomsdl
-except ImportError:  # pragma: no cover - pydicom decodes everything without it
+except ImportError:  # pragma: no cover - pydicom reads everything without it
     dicomsdl = None
 
 log = logging.getLogger(__name__)
 
-# Transfer syntaxes stage 01 decodes (pydicom natively or through the pylibjpeg plugins).
+# Transfer syntaxes stage 01 decodes (dicomsdl, or pydicom natively or through the pylibjpeg plugins).
 SUPPORTED_SYNTAXES = {
     U.ImplicitVRLittleEndian: "implicit",
     U.ExplicitVRLittleEndian: "explicit",
@@ -34,7 +40,26 @@ SUPPORTED_SYNTAXES = {
     U.JPEG2000Lossless: "jpeg2000-lossless",
     U.JPEG2000: "jpeg2000",
 }
-_NATIVE_LE = {U.ImplicitVRLittleEndian, U.ExplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian}
+_NATIVE_LE = (U.ImplicitVRLittleEndian, U.ExplicitVRLittleEndian)
+
+# The syntaxes dicomsdl reads here: those checked against pydicom's pixel_array (tests/test_dicom.py).
+# JPEG Lossless and JPEG-LS stay on pydicom + pylibjpeg: no encoder here to check dicomsdl on them.
+_DICOMSDL_SYNTAXES = {}
+if dicomsdl is not None:
+    _DICOMSDL_SYNTAXES = {
+        dicomsdl.UID.IMPLICIT_VR_LITTLE_ENDIAN: U.ImplicitVRLittleEndian,
+        dicomsdl.UID.EXPLICIT_VR_LITTLE_ENDIAN: U.ExplicitVRLittleEndian,
+        dicomsdl.UID.RLE_LOSSLESS: U.RLELossless,
+        dicomsdl.UID.JPEG2000_IMAGE_COMPRESSION_LOSSLESS_ONLY: U.JPEG2000Lossless,
+        dicomsdl.UID.JPEG2000_IMAGE_COMPRESSION: U.JPEG2000,
+    }
+    # dicomsdl prints every file it rejects to stderr; those files go to pydicom, which words the error
+    # that stage 01 logs and counts.
+    dicomsdl.set_loglevel(dicomsdl.LogLevel.DISABLE)
+
+_PIXEL_DATA = 0x7FE00010
+_BEFORE_PIXELS = _PIXEL_DATA - 1  # dicomsdl's load_until: the header, without the pixel data
+_PIXEL_TAG_BYTES = struct.pack("<HH", _PIXEL_DATA >> 16, _PIXEL_DATA & 0xFFFF)
 
 
 class DicomError(Exception):
@@ -59,19 +84,16 @@ def read_instance(path: Path) -> tuple[np.ndarray, dict]:
     data = Path(path).read_bytes()
     if not data:
         raise DicomError(f"{path}: empty file (0 bytes); re-download it", "empty file")
-    scanned = scan_native(data)
-    if scanned is not None:  # uncompressed little endian, the common case: no pydicom Dataset at all
-        syntax, raw, pixel_data = scanned
-        h = _header_from_raw(raw)
-        if pixel_data is None:
-            stored_values = lambda: _compressed_pixels(path, data, h)
-        else:
-            stored_values = lambda: _native_or_pydicom(pixel_data, h, lambda: _dcmread(path, data))
+    opened = open_with_dicomsdl(data)
+    if opened is not None:  # the common case: no pydicom Dataset at all
+        syntax, dset = opened
+        h = _header_from_dicomsdl(dset)
+        stored_values = lambda: _dicomsdl_pixels(path, data, h, syntax)
     else:
         ds = _dcmread(path, data)
         syntax = _syntax(ds, path)
         h = _header(ds)
-        stored_values = lambda: _stored_values(ds, h, syntax)
+        stored_values = lambda: _pydicom_stored_values(ds, h, syntax)
     try:
         meta = _meta(h, path)
         pixels = _to_output(stored_values(), h)
@@ -81,6 +103,21 @@ def read_instance(path: Path) -> tuple[np.ndarray, dict]:
         raise DicomError(f"{path}: cannot decode pixels ({type(e).__name__}: {e})", "cannot decode") from e
     meta["transfer_syntax"] = SUPPORTED_SYNTAXES[syntax]
     return pixels, meta
+
+
+def open_with_dicomsdl(data: bytes):
+    """(transfer syntax, dicomsdl header DataSet) of a Part-10 file in a syntax dicomsdl reads here,
+    or None when pydicom must read it. The DataSet holds the header only (no pixel data) and reads
+    from ``data``, which must outlive it."""
+    if dicomsdl is None or data[128:132] != b"DICM":  # no preamble: pydicom's reading, as always
+        return None
+    try:
+        dset = dicomsdl.open_memory(data, False, _BEFORE_PIXELS)
+    except Exception as e:  # dicomsdl.DicomException: pydicom reads it and words the error
+        log.debug("dicomsdl cannot read the header (%s); reading with pydicom", e)
+        return None
+    syntax = _DICOMSDL_SYNTAXES.get(dset.getTransferSyntax())
+    return None if syntax is None else (syntax, dset)
 
 
 def _dcmread(path: Path, data: bytes):
@@ -110,107 +147,7 @@ def _syntax(ds, path: Path) -> U.UID:
     return syntax
 
 
-# --- A minimal reader for little-endian Part-10 files (most MR and CT files) ---
-# pydicom builds a Dataset of every element (~2 ms a file, more than decoding an uncompressed image);
-# stage 01 needs ~17 top-level tags and the pixel bytes. Anything unusual (no preamble, big endian,
-# deflated, a syntax not in _SCANNED, odd lengths) returns None and goes through pydicom, which also
-# words the errors.
-
-_PIXEL_DATA = 0x7FE00010
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-# Syntaxes whose header the minimal reader walks: the two native ones, and the compressed ones a
-# compiled decoder (dicomsdl) measured faster than pydicom on (explicit VR little endian outside the
-# pixels). JPEG Lossless is left to pydicom + pylibjpeg: no encoder here to check dicomsdl on it.
-_SCANNED = {str(u): u for u in (U.ImplicitVRLittleEndian, U.ExplicitVRLittleEndian)}
-_COMPRESSED = {str(u): u for u in (U.RLELossless, U.JPEG2000Lossless, U.JPEG2000)}
-if dicomsdl is not None:
-    _SCANNED.update(_COMPRESSED)
-
-
-class _Unusual(Exception):
-    """The minimal reader met something it leaves to pydicom."""
-
-
-def scan_native(data: bytes) -> tuple[U.UID, dict[int, bytes], memoryview | None] | None:
-    """(transfer syntax, raw values of the tags stage 01 reads, pixel bytes) of a little-endian Part-10
-    file, or None when pydicom must read it. Pixel bytes are None for compressed (encapsulated) data."""
-    if len(data) < 144 or data[128:132] != b"DICM":
-        return None
-    buf = memoryview(data)
-    try:
-        meta, pos = _walk(buf, 132, True, {0x00020010}, only_group=0x0002)
-        syntax = _SCANNED.get(bytes(meta.get(0x00020010, b"")).rstrip(b"\0 ").decode(errors="replace"))
-        if syntax is None:
-            return None
-        raw, pos = _walk(buf, pos, syntax != U.ImplicitVRLittleEndian, _WANTED)
-    except (_Unusual, struct.error):
-        return None
-    if _PIXEL_DATA not in raw:
-        return None
-    return syntax, raw, raw.pop(_PIXEL_DATA)
-
-
-def _walk(buf, pos: int, explicit: bool, wanted, only_group=None, until=None) -> tuple[dict, int]:
-    """Read elements from ``pos``: the values of ``wanted`` tags, up to and including Pixel Data (or
-    the end of group ``only_group``, or the ``until`` delimiter). Sequences are skipped, unread."""
-    out, n = {}, len(buf)
-    while pos + 8 <= n:
-        group, elem = struct.unpack_from("<HH", buf, pos)
-        tag = group << 16 | elem
-        if only_group is not None and group != only_group:
-            break
-        if group == 0xFFFE:  # item and delimiter tags carry no VR in either encoding
-            if tag != until:
-                raise _Unusual(f"unexpected item tag {tag:08X}")
-            return out, pos + 8
-        if explicit:
-            vr = bytes(buf[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                (length,), head = struct.unpack_from("<I", buf, pos + 8), 12
-            else:
-                (length,), head = struct.unpack_from("<H", buf, pos + 6), 8
-        else:
-            vr, ((length,), head) = None, (struct.unpack_from("<I", buf, pos + 4), 8)
-        pos += head
-        if length == _UNDEFINED:
-            if tag == _PIXEL_DATA and explicit:  # encapsulated (compressed) frames: decoded elsewhere
-                out[tag] = None
-                return out, pos
-            if vr not in (None, b"SQ"):
-                raise _Unusual("undefined length outside a sequence (UN holding a sequence)")
-            pos = _skip_sequence(buf, pos, explicit)
-            continue
-        if tag in wanted or tag == _PIXEL_DATA:
-            out[tag] = buf[pos : pos + length]
-        if tag == _PIXEL_DATA:
-            return out, pos + length
-        pos += length
-    if until is not None:
-        raise _Unusual("sequence item runs past the end of the file")
-    return out, pos
-
-
-def _skip_sequence(buf, pos: int, explicit: bool) -> int:
-    """The position after a sequence of undefined length starting at ``pos`` (its first item)."""
-    while pos + 8 <= len(buf):
-        tag = struct.unpack_from("<HH", buf, pos)
-        tag = tag[0] << 16 | tag[1]
-        (length,) = struct.unpack_from("<I", buf, pos + 4)
-        if tag == _SEQ_END:
-            return pos + 8
-        if tag != _ITEM:
-            raise _Unusual(f"expected an item, found {tag:08X}")
-        if length == _UNDEFINED:
-            _, pos = _walk(buf, pos + 8, explicit, (), until=_ITEM_END)
-        else:
-            pos += 8 + length
-    raise _Unusual("sequence runs past the end of the file")
-
-
-# The header tags stage 01 needs, read straight from pydicom's raw elements: its attribute access
-# costs ~12 us a tag, as much in all as decoding an uncompressed image.
+# The header tags stage 01 needs.
 _US = {
     "rows": 0x00280010,
     "cols": 0x00280011,
@@ -231,32 +168,42 @@ _NUMBERS = {
     "intercept": 0x00281052,
 }
 _TEXT = {"photometric": 0x00280004, "modality": 0x00080060}
+_TAGS = {**_US, **_NUMBERS, **_TEXT}
+_TAG_LIST = list(_TAGS.values())
 
 
-_WANTED = {tag for group in (_US, _NUMBERS, _TEXT) for tag in group.values()}
-
-
-def _header(ds) -> dict:
-    """Header values by name; None where a tag is absent or empty. Numbers (DS/IS) come as lists."""
+def _header_from_dicomsdl(dset) -> dict:
+    """Header values by name, as ``_header`` gives them, from dicomsdl's header DataSet."""
     out = {}
-    for key, tag in {**_US, **_NUMBERS, **_TEXT}.items():
-        elem = ds.get_item(tag)
-        v = None if elem is None else elem.value
-        if isinstance(v, bytes):
-            out[key] = _from_bytes(key, v, elem.is_little_endian)
-        elif v is None or (isinstance(v, str) and not v.strip()):
-            out[key] = None
-        else:  # pydicom already converted this element
-            out[key] = np.atleast_1d(np.asarray(v, dtype=float)).tolist() if key in _NUMBERS else v
+    for (key, tag), v in zip(_TAGS.items(), dset.getValues(_TAG_LIST)):
+        # dicomsdl reads an empty DS, IS or US as 0: only the element's length tells it from a real 0
+        if v == 0 and not isinstance(v, list) and dset.getDataElement(tag).length() == 0:
+            v = None
+        out[key] = _normalized(key, v)
     return out
 
 
-def _header_from_raw(raw: dict) -> dict:
-    """``_header`` from the raw little-endian values ``scan_native`` found."""
-    return {
-        key: _from_bytes(key, bytes(raw[tag]), True) if tag in raw else None
-        for key, tag in {**_US, **_NUMBERS, **_TEXT}.items()
-    }
+def _header(ds) -> dict:
+    """Header values by name from a pydicom Dataset; None where a tag is absent or empty.
+    US as int, numbers (DS/IS) as lists of floats, text stripped."""
+    out = {}
+    for key, tag in _TAGS.items():
+        elem = ds.get_item(tag)
+        v = None if elem is None else elem.value
+        # a raw value (a VR pydicom did not convert, e.g. UN): decoded here
+        out[key] = _from_bytes(key, v, elem.is_little_endian) if isinstance(v, bytes) else _normalized(key, v)
+    return out
+
+
+def _normalized(key: str, v):
+    """One decoded value in the types ``_header`` promises; None when absent or empty."""
+    if v is None or (isinstance(v, str) and not v.strip("\0 ")):
+        return None
+    if key in _US:
+        return int(v)
+    if key in _NUMBERS:
+        return [float(v)] if isinstance(v, (int, float, str)) else [float(x) for x in v]
+    return str(v).strip("\0 ")
 
 
 def _from_bytes(key: str, v: bytes, little: bool):
@@ -293,75 +240,92 @@ def _meta(h: dict, path) -> dict:
     }
 
 
-def _stored_values(ds, h: dict, syntax) -> np.ndarray:
-    """The stored pixel values as pydicom's ``pixel_array`` gives them (unused high bits masked,
-    signed data sign-extended), decoding uncompressed little-endian data without pydicom's handlers."""
-    if syntax in _NATIVE_LE:
-        return _native_or_pydicom(ds.PixelData, h, lambda: ds)
-    _check_single_frame(h)
-    return pydicom_pixels(ds)
-
-
-def _native_or_pydicom(pixel_data, h: dict, get_ds) -> np.ndarray:
-    """Uncompressed little-endian pixels: ``native_pixels`` for the usual bit layouts, else pydicom."""
-    _check_single_frame(h)
-    bits, stored = h["bits_allocated"], h["bits_stored"] or h["bits_allocated"]
-    if bits in (8, 16) and 0 < stored <= bits and h["high_bit"] in (None, stored - 1):
-        signed = h["pixel_representation"] == 1
-        return native_pixels(pixel_data, h["rows"], h["cols"], bits, stored, signed)
-    return pydicom_pixels(get_ds())
-
-
 def _check_single_frame(h: dict) -> None:
     if (h["samples"] or 1) != 1 or int((h["frames"] or [1])[0]) != 1:
         raise DicomError("only single-frame grayscale images are supported", "not single-frame grayscale")
 
 
-def native_pixels(data: bytes, rows: int, cols: int, bits: int, stored: int, signed: bool) -> np.ndarray:
-    """Uncompressed little-endian pixel data as an array, exactly as pydicom's ``pixel_array``."""
-    n = rows * cols * bits // 8
-    if len(data) < n:
-        raise DicomError(
-            f"pixel data has {len(data)} bytes, {rows}x{cols}x{bits} bits need {n}; "
-            "the file is truncated: re-download it",
-            "truncated pixel data",
-        )
-    raw = np.frombuffer(data, dtype=f"<u{bits // 8}", count=rows * cols).reshape(rows, cols)
-    return keep_stored_bits(raw, stored, signed)
+def _dicomsdl_pixels(path: Path, data: bytes, h: dict, syntax) -> np.ndarray:
+    """Stored values (unused high bits masked, signed data sign-extended) through dicomsdl, or through
+    pydicom when dicomsdl cannot decode them (pydicom then words the error)."""
+    _check_single_frame(h)
+    if syntax in _NATIVE_LE and not pixel_data_ends_file(data, h, syntax == U.ExplicitVRLittleEndian):
+        log.debug("%s: pixel data not whole at the end of the file; decoding with pydicom", path)
+        return _pydicom_stored_values(_dcmread(path, data), h, syntax)
+    try:
+        arr = dicomsdl.open_memory(data, False).pixelData(storedvalue=True)
+        if arr.shape != (h["rows"], h["cols"]) or arr.dtype.kind not in "iu":
+            raise ValueError(f"unexpected {arr.dtype} {arr.shape} for {h['rows']}x{h['cols']}")
+        if arr.dtype.itemsize * 8 != h["bits_allocated"]:
+            raise ValueError(f"unexpected {arr.dtype} for BitsAllocated {h['bits_allocated']}")
+        # dicomsdl may leave the unused high bits as stored (native data, RLE): mask like pydicom
+        return keep_stored_bits(arr, h["bits_stored"] or h["bits_allocated"], h["pixel_representation"] == 1)
+    except Exception as e:  # dicomsdl raises its own error types; pydicom gets the last word
+        log.debug("%s: dicomsdl failed (%s); decoding with pydicom", path, e)
+    return _pydicom_stored_values(_dcmread(path, data), h, syntax)
+
+
+def pixel_data_ends_file(data: bytes, h: dict, explicit: bool) -> bool:
+    """Whether ``data`` ends with an uncompressed Pixel Data element of exactly the size the header
+    gives (its tag, VR and length checked). dicomsdl 0.109.4 crashes the process (a segfault while
+    wording its error) on uncompressed pixel data that runs past the end of the file, so only files
+    that pass go to it; the rest (truncated, trailing elements, odd layouts) go to pydicom."""
+    if not (h["rows"] and h["cols"] and h["bits_allocated"] in (8, 16, 32)):
+        return False
+    n = h["rows"] * h["cols"] * h["bits_allocated"] // 8
+    n += n % 2  # values are padded to an even length
+    length = struct.pack("<I", n)
+    if explicit:  # tag, VR (OW, or OB from some writers), 2 reserved bytes, 4-byte length
+        heads = (_PIXEL_TAG_BYTES + b"OW\0\0" + length, _PIXEL_TAG_BYTES + b"OB\0\0" + length)
+    else:  # tag, 4-byte length
+        heads = (_PIXEL_TAG_BYTES + length,)
+    start = len(data) - n - len(heads[0])
+    return start >= 0 and data[start : start + len(heads[0])] in heads
+
+
+def _pydicom_stored_values(ds, h: dict, syntax) -> np.ndarray:
+    """The stored pixel values from pydicom's ``pixel_array`` (unused high bits masked, signed data
+    sign-extended); a short uncompressed Pixel Data is reported as a truncated file."""
+    _check_single_frame(h)
+    if syntax in _NATIVE_LE or syntax == U.DeflatedExplicitVRLittleEndian:
+        rows, cols, bits = h["rows"], h["cols"], h["bits_allocated"] or 0
+        n = rows * cols * bits // 8
+        if len(ds.PixelData) < n:
+            raise DicomError(
+                f"pixel data has {len(ds.PixelData)} bytes, {rows}x{cols}x{bits} bits need {n}; "
+                "the file is truncated: re-download it",
+                "truncated pixel data",
+            )
+    return pydicom_pixels(ds)
+
+
+def pydicom_pixels(ds) -> np.ndarray:
+    """pydicom's decoders (big endian, deflated, JPEG, JPEG-LS, unusual bit layouts, dicomsdl's
+    failures)."""
+    return ds.pixel_array
 
 
 def keep_stored_bits(raw: np.ndarray, stored: int, signed: bool) -> np.ndarray:
     """Mask the bits above ``stored`` and sign-extend signed data, as pydicom's ``pixel_array`` does.
 
     Those bits may hold anything (overlays, garbage): shifting them out to the left and back
-    (an arithmetic shift for signed data) masks them and sign-extends in one pass.
+    (an arithmetic shift for signed data) masks them and sign-extends in one pass. Done in place when
+    ``raw`` is writeable (a decoder's fresh output: no copy), else on a copy.
     """
     raw = raw.view(f"<u{raw.dtype.itemsize}")
     shift = raw.dtype.itemsize * 8 - stored
+    if shift and not raw.flags.writeable:
+        raw = raw.copy()
     if not signed:
-        return raw & np.array(2**stored - 1, raw.dtype) if shift else raw
+        if shift:
+            raw &= np.array(2**stored - 1, raw.dtype)
+        return raw
+    if shift:
+        raw <<= np.array(shift, raw.dtype)
     as_signed = raw.view(f"<i{raw.dtype.itemsize}")
-    return ((raw << shift).view(as_signed.dtype) >> shift) if shift else as_signed
-
-
-def _compressed_pixels(path: Path, data: bytes, h: dict) -> np.ndarray:
-    """Stored values of a compressed single-frame image: dicomsdl, or pydicom when dicomsdl fails."""
-    _check_single_frame(h)
-    try:
-        arr = dicomsdl.open(str(path)).pixelData(storedvalue=True).reshape(h["rows"], h["cols"])
-        if arr.dtype.kind not in "iu" or arr.dtype.itemsize * 8 != h["bits_allocated"]:
-            raise ValueError(f"unexpected {arr.dtype} for BitsAllocated {h['bits_allocated']}")
-        stored = h["bits_stored"] or h["bits_allocated"]
-        # dicomsdl leaves the unused high bits as decoded (RLE keeps them): mask like pydicom
-        return keep_stored_bits(arr, stored, h["pixel_representation"] == 1)
-    except Exception as e:  # dicomsdl raises its own error types; pydicom gets the last word
-        log.debug("%s: dicomsdl failed (%s); decoding with pydicom", path, e)
-    return pydicom_pixels(_dcmread(path, data))
-
-
-def pydicom_pixels(ds) -> np.ndarray:
-    """pydicom's decoders (compressed syntaxes, big endian, unusual bit layouts)."""
-    return ds.pixel_array
+    if shift:
+        as_signed >>= np.array(shift, as_signed.dtype)
+    return as_signed
 
 
 def _to_output(arr: np.ndarray, h: dict) -> np.ndarray:
@@ -392,6 +356,9 @@ def _integer_rescale(arr: np.ndarray, slope: int, intercept: int, stored: int, s
     arithmetic is done in int16 directly: no int32 copy and no min/max pass (most real files).
     """
     lo, hi = (-(2 ** (stored - 1)), 2 ** (stored - 1) - 1) if signed else (0, 2**stored - 1)
+    native_16 = arr.dtype.itemsize == 2 and arr.dtype.isnative  # pydicom keeps big-endian data big-endian
+    if slope == 1 and intercept == 0 and native_16 and -32768 <= lo and hi <= 32767:
+        return arr.view(np.int16)  # MR without rescale: the stored values, as they are (no copy)
     ends = (lo * slope + intercept, hi * slope + intercept)
     if -32768 <= lo and hi <= 32767 and -32768 <= min(ends) and max(ends) <= 32767:
         out = arr.astype(np.int16)

@@ -43,10 +43,19 @@ class UNet3D(nn.Module):
     units of 100 mm. The grid is centred on the spine (found before the model runs), so these say
     "how far from the spine's axis", the same in every study whatever its pixel spacing; no channel
     for the slice axis, where a grid position would say nothing anatomical.
+
+    With ``z_context``, the deepest level also gets a bidirectional GRU along the slices (``ZContext``):
+    the convolutions see a few vertebrae at most, the GRU the whole column, so a vertebra's label can
+    follow from counting down from C1 / C2 (or up from the thorax) rather than from its look.
     """
 
     def __init__(
-        self, in_chans: int, n_classes: int, widths=(16, 32, 64, 128), coord_mm: tuple | None = None
+        self,
+        in_chans: int,
+        n_classes: int,
+        widths=(16, 32, 64, 128),
+        coord_mm: tuple | None = None,
+        z_context: bool = False,
     ):
         super().__init__()
         widths = [int(w) for w in widths]
@@ -56,6 +65,7 @@ class UNet3D(nn.Module):
         self.up = nn.ModuleList(ConvBlock(c_deep + c, c) for c_deep, c in zip(widths[1:], widths[:-1]))
         self.head = nn.Conv3d(widths[0], n_classes, 1)
         self.multiple = 2 ** (len(widths) - 1)
+        self.z_context = ZContext(widths[-1]) if z_context else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if any(s % self.multiple for s in x.shape[2:]):
@@ -65,6 +75,8 @@ class UNet3D(nn.Module):
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool3d(x, 2))
+            if self.z_context is not None and i == len(self.down) - 1:
+                x = self.z_context(x)
             skips.append(x)
         for block, skip in zip(reversed(self.up), reversed(skips[:-1])):
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
@@ -80,3 +92,22 @@ class UNet3D(nn.Module):
         )
         grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
         return grid[None, :, None].expand(b, 2, d, h, w)
+
+
+class ZContext(nn.Module):
+    """(B, C, D, H, W) → the same plus, per plane, a bidirectional GRU's reading of the whole column.
+
+    Each plane is summarised by its mean feature over rows and columns; a GRU runs along the slices
+    both ways and its output (projected back to C channels) is added to every voxel of the plane. Cheap
+    at the deepest level (a few dozen planes); the residual form starts near the plain UNet.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gru = nn.GRU(channels, channels, batch_first=True, bidirectional=True)
+        self.proj = nn.Linear(2 * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.mean((3, 4)).transpose(1, 2)  # (B, D, C)
+        ctx = self.proj(self.gru(seq.float())[0]).to(x.dtype)  # (B, D, C)
+        return x + ctx.transpose(1, 2)[..., None, None]
