@@ -32,7 +32,7 @@ demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 	@echo
 	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Per task:"
 	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv + overlays/*.png; cervical vertebrae.csv),"
-	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,demo_3d,ensemble_demo}/,"
+	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,ensemble_demo}/,"
 	@echo "submissions/<task>_demo.csv (+ .report.json). Larger data and longer training: make demo-full."
 
 demo-full: $(STAMP)  # the same chain with more studies, folds and epochs (about 45 minutes on 2 CPU cores)

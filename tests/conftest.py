@@ -9,34 +9,9 @@ import pytest
 
 from spine.core.config import REPO_ROOT
 from spine.core.synth import generate
+from tiny import CERVICAL_TINY, LUMBAR_TINY
 
 STAGES = ("01_preprocess", "02_localize", "03_crop", "04_train", "05_ensemble", "06_predict")
-LUMBAR_TINY = [
-    "num_workers=1",
-    "folds.n_folds=3",
-    "localize.epochs=1",
-    "localize.image_size=48",
-    "crop.pixels=24",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.width_3d=4",
-    "ensemble.lgbm_rounds=20",
-]
-CERVICAL_TINY = [
-    "num_workers=1",
-    "folds.n_folds=3",
-    "segment.voxel_mm=[8,8,8]",
-    "segment.field_mm=[64,64,64]",
-    "segment.widths=[4,8]",
-    "segment.epochs=2",
-    "segment.min_voxels=1",
-    "crop.depth=8",
-    "crop.pixels=32",
-    "train.n_seq=4",
-    "train.width_3d=4",
-    "train.epochs=1",
-    "ensemble.lgbm_rounds=20",
-]
 
 
 @dataclass

@@ -10,18 +10,10 @@ from spine.core.cli import stage_runner
 from spine.core.config import REPO_ROOT, load_config
 from spine.core.preprocess import run_preprocess
 from spine.core.synth import generate
+from tiny import SEGMENT_TINY
 
 CONFIG = REPO_ROOT / "configs/cervical/demo.yaml"
-TINY = [
-    "num_workers=1",
-    "folds.n_folds=2",
-    "segment.voxel_mm=[8,8,8]",
-    "segment.field_mm=[64,64,64]",
-    "segment.widths=[4,8]",
-    "segment.epochs=1",
-    "segment.min_voxels=1",
-    "segment.loader_workers=0",
-]
+TINY = SEGMENT_TINY
 
 
 @pytest.fixture(scope="module")

@@ -26,19 +26,9 @@ from spine.lumbar.crops import ANCHORS, run_crops
 from spine.lumbar.models.classifier import MASK_VERSION_KEY, build_classifier
 from spine.lumbar.points import POINT_COLUMNS, label_points
 from spine.lumbar.task import PRED_COLUMNS
+from tiny import CLASSIFY_TINY
 
-TINY = [
-    "num_workers=1",
-    "folds.n_folds=2",
-    "crop.points=label",
-    "crop.pixels=32",
-    "train.model=cnn3d",
-    "train.width_3d=4",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "train.loader_workers=0",
-    "train.folds=[0]",
-]
+TINY = [*CLASSIFY_TINY, "train.batch_size=16", "train.folds=[0]"]
 HEADS = {"n_groups": 3, "n_conditions": 5, "n_levels": 5}
 NO_POINT = "l5_s1"  # the level of a test study whose points are all withheld: its 5 rows have no view
 

@@ -18,18 +18,9 @@ from spine.lumbar.classify import build_model, prior_baseline, run_train, train_
 from spine.lumbar.crops import run_crops
 from spine.lumbar.points import label_points
 from spine.lumbar.task import PRED_COLUMNS
+from tiny import CLASSIFY_TINY
 
-TINY = [
-    "num_workers=1",
-    "folds.n_folds=2",
-    "crop.points=label",
-    "crop.pixels=32",
-    "train.model=cnn3d",
-    "train.width_3d=4",
-    "train.epochs=1",
-    "train.batch_size=8",
-    "train.loader_workers=0",
-]
+TINY = CLASSIFY_TINY
 
 
 @pytest.fixture(scope="module")
