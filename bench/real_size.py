@@ -3,11 +3,12 @@ seconds and peak memory of every stage (docs/BENCHMARKS.md, "Real sizes").
 
 python bench/real_size.py [--task lumbar --task cervical] [--out /tmp/real_size] [--keep]
 
-Per task, 2 training studies and 1 test study are generated at real sizes (lumbar: sagittal 512² x
-15-17 slices, axial 384²; cervical: 512² slices 0.625 mm apart). With 2 folds every model trains on
-1 study for 1 epoch — one optimizer step per fold — so the figures are what a stage costs per study
-at real size, not what training to convergence costs. Each stage runs as a fresh process; its peak
-memory is the larger of its own high-water mark (VmHWM) and that of its largest worker process.
+Per task, 3 training studies and 1 test study are generated at real sizes (lumbar: sagittal 512² x
+15-17 slices, axial 384²; cervical: 512² slices 0.625 mm apart). With 3 folds (the fewest stage
+05's nested CV takes) every model trains on 2 studies for 1 epoch — a step or two per fold — so the
+figures are what a stage costs per study at real size, not what training to convergence costs. Each
+stage runs as a fresh process; its peak memory is the larger of its own high-water mark (VmHWM) and
+that of its largest worker process.
 """
 
 import argparse
@@ -30,7 +31,7 @@ REAL_SIZES = {
         "below_c7_mm": [190.0, 190.0],
     },
 }
-# One optimizer step per model and fold: 2 folds of 2 training studies, one epoch, batch of one study.
+# One optimizer step per model and fold: 3 folds of 3 training studies, one epoch, one batch.
 ONE_STEP = {
     "lumbar": ["localize.epochs=1", "localize.batch_studies=1", "train.epochs=1", "train.batch_size=25"],
     "cervical": ["segment.epochs=1", "segment.batch=1", "train.epochs=1", "train.batch_size=1"],
@@ -39,7 +40,7 @@ ONE_STEP = {
 GENERATE = """
 import json, sys
 from spine.core.synth import generate
-print(json.dumps(generate(sys.argv[1], sys.argv[2], 2, 1, seed=11, **json.loads(sys.argv[3])), default=str))
+print(json.dumps(generate(sys.argv[1], sys.argv[2], 3, 1, seed=11, **json.loads(sys.argv[3])), default=str))
 """
 # Runs one stage script's main() in this fresh process, then prints the peak memory as JSON.
 STAGE = """
@@ -84,7 +85,7 @@ def run_task(task: str, out: Path) -> dict:
     )
     result = {"generate_seconds": round(time.perf_counter() - t0, 1), "stages": {}}
     config = f"configs/{task}/base.yaml"
-    args = ["--config", config, f"data_dir={data}", f"out_dir={work}", "folds.n_folds=2", *ONE_STEP[task]]
+    args = ["--config", config, f"data_dir={data}", f"out_dir={work}", "folds.n_folds=3", *ONE_STEP[task]]
     for stage in STAGES:
         result["stages"][stage] = run_stage(stage, args, log)
         print(f"{task} {stage}: {result['stages'][stage]}", flush=True)

@@ -56,6 +56,14 @@ def test_saved_parameters_reproduce_the_predictions(name):
     np.testing.assert_allclose(again.predict(rows, probs, feats), model.predict(rows, probs, feats))
 
 
+def test_logistic_on_rows_of_one_class_predicts_that_class():
+    """Tiny data (a real-size smoke run of 3 studies) can leave one grade only: sklearn refuses it."""
+    task, rows, probs, feats = _table("lumbar", n_studies=6)
+    rows["y"] = 0
+    q = ensemble.Logistic().fit(rows, probs, feats).predict(rows, probs, feats)
+    assert np.allclose(q.sum(1), 1) and (q[:, 0] > 0.99).all()
+
+
 def test_selection_never_sees_the_fold_it_predicts():
     task, rows, probs, feats = _table("cervical", n_studies=16)
     seen = []

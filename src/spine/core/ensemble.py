@@ -273,16 +273,18 @@ class Logistic:
 
         x = _design(feats)
         mean, scale = x.mean(), x.std().replace(0.0, 1.0).fillna(1.0)
-        model = LogisticRegression(C=self.c, max_iter=2000)
-        model.fit(
-            ((x - mean) / scale).to_numpy(), rows["y"].to_numpy(), sample_weight=rows["weight"].to_numpy()
-        )
-        coef, icpt = model.coef_, model.intercept_
-        if coef.shape[0] == 1:  # binary: sklearn keeps one row for class 1
-            coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
-        full = np.zeros((probs.shape[2], coef.shape[1]))  # a class absent from these rows: logit -inf-ish
+        y = rows["y"].to_numpy()
+        full = np.zeros((probs.shape[2], x.shape[1]))  # a class absent from these rows: logit -inf-ish
         full_icpt = np.full(probs.shape[2], -30.0)
-        full[model.classes_], full_icpt[model.classes_] = coef, icpt
+        if len(np.unique(y)) < 2:  # one class only (tiny data): sklearn refuses; predict that class
+            full_icpt[y[0]] = 0.0
+        else:
+            model = LogisticRegression(C=self.c, max_iter=2000)
+            model.fit(((x - mean) / scale).to_numpy(), y, sample_weight=rows["weight"].to_numpy())
+            coef, icpt = model.coef_, model.intercept_
+            if coef.shape[0] == 1:  # binary: sklearn keeps one row for class 1
+                coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], icpt])
+            full[model.classes_], full_icpt[model.classes_] = coef, icpt
         self.state = {
             "columns": list(x.columns),
             "mean": mean.tolist(),
