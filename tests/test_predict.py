@@ -89,7 +89,7 @@ def test_offline_bundle_and_notebook(pipeline, lumbar_pipeline, tmp_path, monkey
     root, args, _, report = pipeline
     bundle = tmp_path / "bundle"
     info = stage_script("make_offline_bundle").main(
-        ["--config", CONFIG, "--out", str(bundle), f"data_dir={root / 'data'}", f"out_dir={root / 'out'}"]
+        ["--config", CONFIG, "--out", str(bundle), *lumbar_pipeline.args()[2:]]
     )
     assert (bundle / "repo/src/spine/core/predict.py").exists() and (bundle / "bundle.json").exists()
     assert any("localizer" in f for f in info["model_files"])
