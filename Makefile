@@ -31,7 +31,7 @@ demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 	$(PY) src/demo_summary.py --config configs/lumbar/demo.yaml --config configs/cervical/demo.yaml
 	@echo
 	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Per task:"
-	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv + overlays/*.png; cervical vertebrae.csv),"
+	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv, cervical vertebrae.csv; overlays/*.png),"
 	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,ensemble_demo}/,"
 	@echo "submissions/<task>_demo.csv (+ .report.json). Larger data and longer training: make demo-full."
 
