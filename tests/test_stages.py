@@ -15,7 +15,19 @@ def cached(request, tmp_path_factory, stage_script):
     task = request.param
     root = tmp_path_factory.mktemp(task)
     data, out = root / "data", root / "out"
-    generate_args = ["--task", task, "--out", str(data), "--n-train", "4", "--n-test", "2"]
+    # 48² pixels: the generator's defaults are real sizes (cervical: 512², up to 1,000 slices a study).
+    generate_args = [
+        "--task",
+        task,
+        "--out",
+        str(data),
+        "--n-train",
+        "4",
+        "--n-test",
+        "2",
+        "--image-size",
+        "48",
+    ]
     stage_script("00_make_demo_data").main(generate_args)
     summary = stage_script("01_preprocess").main(
         ["--config", f"configs/{task}/demo.yaml", f"data_dir={data}", f"out_dir={out}", "num_workers=2"]

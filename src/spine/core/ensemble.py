@@ -227,7 +227,8 @@ class Blend:
             def loss(theta, p=p, y=y, wt=wt):
                 return _log_loss(self._apply(p, *self._unpack(theta, m, k)), y, wt)
 
-            theta = minimize(loss, np.zeros(m + k - 1), method="L-BFGS-B").x
+            bounds = [(None, None)] * (m - 1) + [(-3.0, 3.0)] + [(None, None)] * (k - 1)  # T in [e^-3, e^3]
+            theta = minimize(loss, np.zeros(m + k - 1), method="L-BFGS-B", bounds=bounds).x
             w, t, b = self._unpack(theta, m, k)
             self.groups[g] = {"weights": w.tolist(), "temperature": float(t), "bias": b.tolist()}
         return self
