@@ -23,11 +23,13 @@ def main(argv=None) -> dict:
                 break
             reports[cfg.exp] = report = run(cfg)
             if dist.is_main():
-                print_summary(
-                    f"stage 04 {cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies "
-                    f"(folds {report['folds_done']})",
-                    stage_summary(report),
-                )
+                title = f"stage 04 {cfg.exp}"
+                if "rows" in report:
+                    title += (
+                        f": OOF on {report['rows']} rows of {report['studies']} studies "
+                        f"(folds {report['folds_done']})"
+                    )
+                print_summary(title, stage_summary(report))
     finally:
         dist.shutdown()
     return reports

@@ -7,17 +7,20 @@ models/<task>/ensemble_<exp>/spec.json (the best one, refitted on every OOF row:
 prior out of fold) and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
 """
 
-from spine.core.cli import parse_member_args
+from spine.core.cli import parse_member_args, stage_runner
 from spine.core.ensemble import run_ensemble
 from spine.core.report import print_summary, stage_summary
 
 
 def main(argv=None) -> dict:
     cfg, members = parse_member_args(__doc__, argv)
-    report = run_ensemble(cfg, members)
-    title = (
-        f"stage 05 {cfg.task} ensemble_{cfg.exp}: OOF on {report['rows']} rows of {report['studies']} studies"
-    )
+    run = stage_runner(cfg.task, "ensemble", "05_ensemble", core=lambda cfg: run_ensemble(cfg, members))
+    if run is None:
+        return {}
+    report = run(cfg)
+    title = f"stage 05 {cfg.task} ensemble_{cfg.exp}"
+    if "rows" in report:
+        title += f": OOF on {report['rows']} rows of {report['studies']} studies"
     print_summary(title, stage_summary(report))
     return report
 

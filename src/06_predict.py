@@ -6,14 +6,17 @@ stacks the members with stage 05's spec, and writes the submission in sample_sub
 with a report (seconds per study, peak memory, fallbacks, and on generated data the test score).
 """
 
-from spine.core.cli import parse_member_args
+from spine.core.cli import parse_member_args, stage_runner
 from spine.core.predict import run_predict
 from spine.core.report import print_summary, stage_summary
 
 
 def main(argv=None) -> dict:
     cfg, members = parse_member_args(__doc__, argv)
-    report = run_predict(cfg, members)
+    run = stage_runner(cfg.task, "submit", "06_predict", core=lambda cfg: run_predict(cfg, members))
+    if run is None:
+        return {}
+    report = run(cfg)
     print_summary(f"stage 06 {cfg.task} {cfg.exp}: submission", stage_summary(report))
     return report
 

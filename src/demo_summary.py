@@ -1,5 +1,6 @@
 """One table of a finished run: each member's OOF score, the stacked OOF score and the test score,
-beside the prior and (on generated data) the Bayes optimum. Reads the stages' reports only.
+beside the prior and (on generated data) the Bayes optimum; a task scored otherwise gives its own rows
+(its ``summary_rows`` runner). Reads the stages' reports only.
 
 python src/demo_summary.py --config configs/lumbar/demo.yaml [--config configs/cervical/demo.yaml]
 """
@@ -11,6 +12,7 @@ import json
 
 from spine.core.config import load_config, member_configs
 from spine.core.paths import Paths
+from spine.registry import get_task
 
 
 def _score(path, *keys):
@@ -24,6 +26,9 @@ def _score(path, *keys):
 
 def rows_of(cfg, overrides=()) -> list[tuple[str, str, object, object, object]]:
     """(task, what, score, prior, bayes) rows of one pipeline config."""
+    task = get_task(cfg.task)
+    if "summary_rows" in task.runners:  # a task with other scores: (what, model, baseline, best) rows
+        return [(cfg.task, *row) for row in task.runner("summary_rows")(cfg)]
     paths = Paths.from_config(cfg)
     out = []
     for m in member_configs(cfg, overrides):
@@ -45,10 +50,11 @@ def main(argv=None) -> list:
     args = parser.parse_args(argv)
     rows = [r for c in args.config for r in rows_of(load_config(c, args.overrides), args.overrides)]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
-    print("\n== demo scores (official metric, lower is better) ==")
-    print(f"  {'task':<9}{'':<22}{'model':>8}{'prior':>8}{'Bayes':>8}")
+    print("\n== demo scores (each task's metric; baseline: the train prior or mean; best: the generator's")
+    print("   Bayes optimum where it has one; lumbar, cervical: weighted log loss, lower is better) ==")
+    print(f"  {'task':<10}{'':<30}{'model':>9}{'baseline':>9}{'best':>9}")
     for task, what, s, p, b in rows:
-        print(f"  {task:<9}{what:<22}{fmt(s):>8}{fmt(p):>8}{fmt(b):>8}")
+        print(f"  {task:<10}{what:<30}{fmt(s):>9}{fmt(p):>9}{fmt(b):>9}")
     return rows
 
 

@@ -23,7 +23,10 @@ def main(argv=None) -> dict:
     parser.add_argument("submission")
     args = parser.parse_args(argv)
     task = get_task(args.task)
-    scores = task.score(pd.read_csv(args.solution), pd.read_csv(args.submission))
+    if "score" in task.runners:  # a task scored from files of its own kind (masks, measurements)
+        scores = task.runner("score")(args.solution, args.submission)
+    else:
+        scores = task.score(pd.read_csv(args.solution), pd.read_csv(args.submission))
     print_summary(f"{args.task} score (lower is better)", {k: round(v, 6) for k, v in scores.items()})
     return scores
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spine.core.task import Task, binary_log_loss
+from spine.core.task import RowTask, binary_log_loss
 
 VERTEBRAE = [f"C{i}" for i in range(1, 8)]
 TARGETS = VERTEBRAE + ["patient_overall"]  # sample_submission order within a study
@@ -15,7 +15,7 @@ TRAIN_COLUMNS = ["StudyInstanceUID", "patient_overall", *VERTEBRAE]  # train.csv
 WEIGHTS = {"vertebra": (1.0, 2.0), "patient_overall": (7.0, 14.0)}  # (negative, positive)
 
 
-class CervicalTask(Task):
+class CervicalTask(RowTask):
     name = "cervical"
     slug = "rsna-2022-cervical-spine-fracture-detection"
     pred_columns = ["fractured"]

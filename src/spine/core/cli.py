@@ -42,11 +42,14 @@ def parse_member_args(description: str, argv=None) -> tuple[DictConfig, list[Dic
     return cfg, member_configs(cfg, args.overrides)
 
 
-def stage_runner(task_name: str, stage: str, script: str):
-    """The task's function for ``stage``; None, after saying so, when the task has nothing to do there
-    (the script then exits 0, so one config runs stages 01 to 06 in order for every task)."""
+def stage_runner(task_name: str, stage: str, script: str, core=None):
+    """The task's function for ``stage``: its own runner, else ``core`` where the task runs the core's
+    implementation of that stage; None, after saying so, when the task has nothing to do there (the
+    script then exits 0, so one config runs stages 01 to 06 in order for every task)."""
     task = get_task(task_name)
-    if stage not in task.runners:
-        print(f"{script}: task {task.name!r} has nothing to do in this stage")
-        return None
-    return task.runner(stage)
+    if stage in task.runners:
+        return task.runner(stage)
+    if core is not None and stage in task.core_stages:
+        return core
+    print(f"{script}: task {task.name!r} has nothing to do in this stage")
+    return None

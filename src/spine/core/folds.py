@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def make_folds(task_name: str, data_dir: Path, n_folds: int, seed: int) -> pd.DataFrame:
-    """StratifiedGroupKFold over the label rows of train.csv, grouped by study: study_id, fold.
+    """StratifiedGroupKFold over the task's label rows (``Task.fold_strata``), grouped by study (or
+    patient): study_id, fold.
 
     Stratifying the rows (not the studies) balances every grade of every target across folds,
     while grouping keeps all rows of a study in one fold.
     """
-    task = get_task(task_name)
-    strata = task.strata(pd.read_csv(Path(data_dir) / "train.csv"))
+    strata = get_task(task_name).fold_strata(Path(data_dir))
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold_of = {}
     for k, (_, idx) in enumerate(splitter.split(strata, strata["y"], groups=strata["study_id"])):

@@ -12,19 +12,23 @@ import pandas as pd
 EPS = np.finfo(np.float64).eps
 
 
-class Task(ABC):
-    """What differs between competitions: targets, row ids, labels, metric, series layout."""
+class Task:
+    """What every task has: a name, a default data folder, and its implementation of each stage."""
 
     name: str
-    slug: str  # the Kaggle competition slug, also the default folder name under input/
-    pred_columns: list[str]  # submission columns after row_id
-    # The task's implementation of each model stage, as "module:function" (imported on use, so the
-    # task modules stay free of torch). Stage scripts look their function up here, never by task name:
-    #   localize / crop / train: run_*(cfg) -> report dict (with a flat "summary" for the console);
-    #   localize_test / predict: the inference-only paths stage 06 runs on the test split;
-    #   generate (stage 00), overlays (plot_overlays.py), and optionally partial_rows(paths, split) ->
-    #   pd.Series (row_id -> what was missing) for rows predicted from part of their input.
+    slug: str  # the competition's or dataset's slug, also the default folder name under input/
+    # The task's implementation of each stage, as "module:function" (imported on use, so the task
+    # modules stay free of torch). Stage scripts look their function up here, never by task name:
+    #   generate (stage 00): generate(out, n_train, n_test, seed, **kwargs) -> summary dict;
+    #   preprocess / localize / crop / train / ensemble / submit (stages 01-06): run(cfg) -> report dict
+    #     (with a flat "summary" for the console); a stage in ``core_stages`` and not here runs the core
+    #     implementation; a stage in neither says it has nothing to do and exits 0;
+    #   overlays (plot_overlays.py): run(cfg, n=..., out=...) -> [paths];
+    #   score (score.py): score(solution_path, submission_path) -> {name: value};
+    #   row tasks also: localize_test / predict (inference paths of stage 06), and optionally
+    #   partial_rows(paths, split) -> pd.Series (row_id -> what was missing).
     runners: dict[str, str] = {}
+    core_stages: frozenset[str] = frozenset()
 
     def runner(self, stage: str):
         """The function that runs ``stage`` for this task; a clear error when it has none."""
@@ -34,6 +38,23 @@ class Task(ABC):
             )
         module, func = self.runners[stage].split(":")
         return getattr(importlib.import_module(module), func)
+
+    def fold_strata(self, data_dir: Path) -> pd.DataFrame:
+        """Rows to split into folds: study_id (the group kept in one fold: a study or a patient) and y (a
+        class to balance across folds)."""
+        raise NotImplementedError(f"task {self.name!r} has no folds")
+
+
+class RowTask(Task, ABC):
+    """A Kaggle competition scored on submission rows of class probabilities (RSNA lumbar, cervical):
+    targets, row ids, labels, metric, DICOM series layout. Stages 01 (DICOM cache), 05 (stacking) and
+    06 (test DICOM to submission) are the core's."""
+
+    pred_columns: list[str]  # submission columns after row_id
+    core_stages = frozenset({"preprocess", "ensemble", "submit"})
+
+    def fold_strata(self, data_dir: Path) -> pd.DataFrame:
+        return self.strata(pd.read_csv(Path(data_dir) / "train.csv"))
 
     @abstractmethod
     def row_ids(self, study_ids) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spine.core.task import Task, binary_log_loss, weighted_log_loss
+from spine.core.task import RowTask, binary_log_loss, weighted_log_loss
 
 CONDITIONS = [
     "spinal_canal_stenosis",
@@ -51,7 +51,7 @@ def condition_group(condition: str) -> str:
     raise ValueError(f"unknown lumbar condition {condition!r}")
 
 
-class LumbarTask(Task):
+class LumbarTask(RowTask):
     name = "lumbar"
     slug = "rsna-2024-lumbar-spine-degenerative-classification"
     pred_columns = PRED_COLUMNS
