@@ -3,8 +3,8 @@
 python src/05_ensemble.py --config configs/lumbar/demo.yaml [key=value ...]
 Scores the prior, every member, their mean, a per-group blend (also with the prior as a member), a
 logistic and a LightGBM stacker by nested CV over the study folds; writes
-models/<task>/ensemble_<exp>/spec.json (the best one, refitted on every OOF row: never worse than the
-prior out of fold) and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
+models/<task>/ensemble_<exp>/spec.json (the simplest candidate within one standard error of the best,
+refitted on every OOF row) and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
 """
 
 from spine.core.cli import parse_member_args, stage_runner

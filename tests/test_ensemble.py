@@ -73,12 +73,37 @@ def test_selection_never_sees_the_fold_it_predicts():
             seen.append(set(r["fold"]))
             return self
 
-    ensemble.selected_predict(task, {"spy": Spy, "mean": ensemble.Mean}, rows, probs, feats)
+    ensemble.selected_predict(task, {"spy": Spy, "mean": ensemble.Mean}, rows, probs, feats, "best")
     assert len(seen) == 4 * (3 + 1)  # per outer fold: 3 inner-CV fits, then the refit of the pick
     for f in range(4):
         inner, refit = seen[4 * f : 4 * f + 3], seen[4 * f + 3]
         assert all(f not in s and len(s) == 2 for s in inner)  # inner CV within the other folds
         assert refit == {0, 1, 2, 3} - {f}  # the pick is refitted without the fold it predicts
+
+
+def test_one_se_pick_takes_the_simplest_candidate_within_the_noise():
+    task, rows, probs, feats = _table("cervical", n_studies=40)
+    good = probs[:, 0]
+    near = np.clip(good + 0.001 * np.random.default_rng(1).standard_normal(good.shape), 1e-3, 1)
+    near /= near.sum(1, keepdims=True)
+    prior = ensemble.cv_predict(ensemble.Prior, rows, probs, feats)
+    preds = {"prior": prior, "member:good": near, "lgbm": good}
+    scores = {name: ensemble.score(task, rows, q)["score"] for name, q in preds.items()}
+    assert scores["lgbm"] < scores["member:good"] < scores["prior"]
+    assert ensemble.pick(task, scores, preds, rows, "best") == "lgbm"
+    # the member is as good as the best within noise; the prior is far worse: the member is taken
+    assert ensemble.pick(task, scores, preds, rows, "one_se") == "member:good"
+    # a "best" that is the prior with random noise on it, lucky enough to score a little better: noise
+    for seed in range(100):
+        noisy = prior * np.exp(0.3 * np.random.default_rng(seed).standard_normal(prior.shape))
+        noisy /= noisy.sum(1, keepdims=True)
+        if ensemble.score(task, rows, noisy)["score"] < scores["prior"]:
+            break
+    preds2 = {"prior": prior, "lgbm": noisy}
+    scores2 = {name: ensemble.score(task, rows, q)["score"] for name, q in preds2.items()}
+    assert scores2["lgbm"] < scores2["prior"]
+    assert ensemble.pick(task, scores2, preds2, rows, "best") == "lgbm"
+    assert ensemble.pick(task, scores2, preds2, rows, "one_se") == "prior"
 
 
 def test_binary_matrix_round_trip_and_prior():

@@ -14,9 +14,11 @@ on four folds' OOF rows, predict the fifth), so its reported score is out-of-fol
 - ``lgbm``: a LightGBM classifier on the same features, weighted like the metric.
 
 The choice among candidates is itself made out of fold ("selected"): for each outer fold, the candidate
-with the best inner-CV score on the other folds predicts it. The spec saved for stage 06 is the
-candidate with the best nested score, refitted on every OOF row. As the prior is a candidate, that
-score is never worse than the prior's; when every member is worse than the prior, the report says so.
+that ``pick`` takes from the inner-CV scores on the other folds predicts it. The spec saved for stage 06
+is the candidate picked from the nested scores, refitted on every OOF row. ``pick`` (``ensemble.pick``):
+``best`` the lowest score; ``one_se`` (default) the simplest candidate within one standard error of the
+best. As the prior is a candidate, the chosen score is never worse than the prior's by more than that
+error; when every member is worse than the prior, the report says so.
 
 Tasks supply their labels and row features through the task module; binary tasks (cervical) are
 handled as two classes (not fractured, fractured).
@@ -390,17 +392,53 @@ def cv_predict(factory, rows, probs, feats) -> np.ndarray:
     return out
 
 
-def selected_predict(task, cands: dict, rows, probs, feats) -> tuple[np.ndarray, dict]:
-    """Model selection out of fold: for each fold, the candidate with the best inner-CV score on the
-    other folds is refitted on them and predicts the fold. Returns predictions and the picks."""
+def leave_group_out_scores(task, rows: pd.DataFrame, q: np.ndarray, n_groups: int = 20) -> np.ndarray:
+    """The official score of ``q`` with each of ``n_groups`` groups of studies left out in turn (the
+    delete-a-group jackknife: a per-row or per-study loss would miss how the metric pools and weights
+    rows, e.g. lumbar's severe-row weights and any-severe term)."""
+    studies = np.sort(rows["study_id"].unique())
+    group_of = dict(zip(studies, np.arange(len(studies)) % min(n_groups, len(studies)), strict=True))
+    group = rows["study_id"].map(group_of).to_numpy()
+    return np.array(
+        [
+            score(task, rows[group != g].reset_index(drop=True), q[group != g])["score"]
+            for g in np.unique(group)
+        ]
+    )
+
+
+def pick(task, scores: dict, preds: dict, rows: pd.DataFrame, rule: str) -> str:
+    """The candidate to use. ``best``: the lowest score. ``one_se``: the first candidate (they come
+    simplest first: the prior, each member, ..., LightGBM) not worse than the best by more than one
+    standard error of the paired difference (jackknife over groups of studies). A stacker whose edge
+    over the prior is within the noise of a few dozen studies does not carry over to new ones."""
+    best = min(scores, key=scores.get)
+    if rule == "best":
+        return best
+    if rule != "one_se":
+        raise ValueError(f"ensemble.pick must be 'best' or 'one_se', got {rule!r}")
+    ref = leave_group_out_scores(task, rows, preds[best])
+    for name in scores:
+        d = leave_group_out_scores(task, rows, preds[name]) - ref
+        se = np.sqrt((len(d) - 1) / len(d) * ((d - d.mean()) ** 2).sum())
+        if scores[name] - scores[best] <= se:
+            return name
+    return best
+
+
+def selected_predict(task, cands: dict, rows, probs, feats, rule: str) -> tuple[np.ndarray, dict]:
+    """Model selection out of fold: for each fold, the candidate that ``pick`` takes from the inner-CV
+    predictions on the other folds is refitted on them and predicts the fold. Returns predictions and
+    the picks."""
     out = np.zeros((len(rows), probs.shape[2]))
     folds = rows["fold"].to_numpy()
     picks = {}
     for f in np.unique(folds):
         tr, te = folds != f, folds == f
         r, p, x = rows[tr].reset_index(drop=True), probs[tr], feats[tr].reset_index(drop=True)
-        inner = {name: score(task, r, cv_predict(fac, r, p, x))["score"] for name, fac in cands.items()}
-        best = min(inner, key=inner.get)
+        inner_preds = {name: cv_predict(fac, r, p, x) for name, fac in cands.items()}
+        inner = {name: score(task, r, q)["score"] for name, q in inner_preds.items()}
+        best = pick(task, inner, inner_preds, r, rule)
         picks[int(f)] = best
         out[te] = cands[best]().fit(r, p, x).predict(rows[te], probs[te], feats[te])
     return out, picks
@@ -435,8 +473,9 @@ def run_ensemble(cfg, members: list) -> dict:
         preds[name] = cv_predict(fac, rows, probs, feats)
         scores[name] = score(task, rows, preds[name])
         log.info("%-16s %s", name, format_scores(scores[name]))
-    selected, picks = selected_predict(task, cands, rows, probs, feats)
-    best = min(scores, key=lambda n: scores[n]["score"])
+    rule = cfg.ensemble.pick
+    selected, picks = selected_predict(task, cands, rows, probs, feats, rule)
+    best = pick(task, {n: s["score"] for n, s in scores.items()}, preds, rows, rule)
     final = cands[best]().fit(rows, probs, feats)
     report = {
         "exp": cfg.exp,
@@ -447,6 +486,7 @@ def run_ensemble(cfg, members: list) -> dict:
         "selected": score(task, rows, selected),
         "selected_per_fold": picks,
         "chosen": best,
+        "pick": rule,
         "prior": scores["prior"],  # the prior candidate: each fold given the other folds' frequencies
     }
     report["notes"] = prior_notes(report, names)
