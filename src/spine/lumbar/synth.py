@@ -5,7 +5,9 @@ position (LPS mm: +x patient left, +y posterior, +z superior), so the sagittal a
 study agree through their geometry tags. The phantom is described in spine coordinates: arc length
 ``t`` along a lordotic axis through the vertebral bodies (growing superior), ``b`` the posterior
 offset from that axis in the sagittal plane and ``x`` the lateral offset from the midline. Discs are
-perpendicular to the axis, so each disc's tilt follows the curve.
+perpendicular to the axis, so each disc's tilt follows the curve. The phantom (anatomy, signals,
+rendering) is core's, ``spine.core.synth.phantom``, shared with the SPIDER generator; this module adds
+the lumbar signs' severities, the reader model, the series plans and the Kaggle files.
 
 Each of the 25 rows of a study has a latent severity s in [0, 1] that the phantom shows: the canal
 narrows at the disc (spinal), the foraminal fat shrinks (foraminal), the lateral recess shrinks and
@@ -29,6 +31,21 @@ from spine.core import geometry
 from spine.core.io import save_table
 from spine.core.synth import common
 from spine.core.synth.dicom_writer import make_uid, write_slice
+from spine.core.synth.phantom import (
+    ANCHOR_NODE,
+    BASE_BODY_MM,
+    BASE_DISC_MM,
+    BASE_TILT_DEG,
+    FORAMEN_DT,
+    NODE_NAMES,
+    RECESS_MEDIAL_MM,
+    Spine,
+    centreline,
+    render,
+    render_slices,
+    smooth_on_pixels,
+    vary_recesses,
+)
 from spine.lumbar.task import (
     CONDITION_NAMES,
     CONDITION_SERIES,
@@ -43,6 +60,9 @@ from spine.lumbar.task import (
 )
 
 log = logging.getLogger(__name__)
+# The phantom's renderer and recess shift stay part of this module's interface (tests, notebooks).
+__all__ = ["RECESS_MEDIAL_MM", "generate", "grade_probabilities", "plan_dataset", "render", "render_slices",
+           "sample_severity", "sample_spine", "vary_recesses"]  # fmt: skip
 
 DEFAULT_IMAGE_SIZE = 128
 
@@ -62,37 +82,8 @@ READER_TEMPERATURE = 0.045
 MISSING_RATE = np.array([0.003, 0.003, 0.004, 0.005, 0.03])  # per level; the lowest level most often
 PRIOR_PSEUDO_COUNT = 0.5  # keeps a grade never seen in train from costing -log(eps)
 
-# --- anatomy -----------------------------------------------------------------------------------
-# Disc nodes along the spine, top to bottom; the five labeled levels are nodes 2..6. The sacral
-# nodes are fused (no disc) but keep the column and the canal going below S1.
-NODE_NAMES = ["T11/T12", "T12/L1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1", "S1/S2", "S2/S3"]
-FIRST_LEVEL_NODE = 2
-ANCHOR_NODE = 4  # L3/L4 sits at arc length 0
-BASE_TILT_DEG = np.array([-8.0, -5.0, -2.0, 2.0, 6.0, 11.0, 17.0, 26.0, 34.0])
-BASE_DISC_MM = np.array([7.0, 8.0, 9.0, 10.0, 11.0, 11.5, 10.0, 0.0, 0.0])
-BASE_BODY_MM = np.array([24.0, 26.0, 26.5, 27.0, 27.0, 26.5, 24.0, 20.0])  # T12 .. S2, between nodes
-FORAMEN_DT = 4.0  # foramina open just above their disc, below the upper pedicle
-RECESS_DB = -1.5  # lateral recesses sit in the front half of the canal
-# Where the recess sits varies with the anatomy (per side and level, on top of the study's canal width)
-# and with the grade: a stenotic recess is pinched medially by the facet, so its centre moves inwards.
-RECESS_X_JITTER, RECESS_B_JITTER = 1.5, 0.8  # mm, standard deviation per side and level
-RECESS_MEDIAL_MM = 3.0  # medial shift of the recess centre at s = 1
-# How far each sign goes at s = 1 (fraction of the normal size removed).
-CANAL_AP_LOSS, CANAL_LR_LOSS, DISC_BULGE_MM = 0.72, 0.30, 3.5
-FORAMEN_LOSS, RECESS_LOSS = 0.70, 0.85
-
-# Relative signal of each tissue (CSF on T2 = 1). nucleus_drop: how much a degenerated disc darkens.
-TISSUES = ("air", "soft", "muscle", "fat", "marrow", "cortex", "annulus", "nucleus", "nucleus_drop", "csf",
-           "ligament", "nerve", "vessel")  # fmt: skip
-# fmt: off
-_SIGNALS = {
-    #         air  soft  muscle fat  marrow cortex annul nucl drop  csf   lig  nerve vessel
-    "T1":   (0.0, 0.38, 0.30, 1.00, 0.72, 0.06, 0.28, 0.42, 0.2, 0.14, 0.10, 0.30, 0.05),
-    "T2":   (0.0, 0.32, 0.22, 0.62, 0.45, 0.05, 0.20, 0.90, 0.6, 1.00, 0.08, 0.25, 0.05),
-    "STIR": (0.0, 0.30, 0.25, 0.08, 0.22, 0.04, 0.20, 0.95, 0.6, 1.00, 0.08, 0.30, 0.05),
-}
-# fmt: on
-CONTRASTS = {name: dict(zip(TISSUES, values, strict=True)) for name, values in _SIGNALS.items()}
+# --- anatomy (the phantom's nodes and sizes are core's: spine.core.synth.phantom) -------------------
+FIRST_LEVEL_NODE = 2  # the five labeled levels are nodes 2..6 of phantom.NODE_NAMES
 
 # --- acquisition and quirks --------------------------------------------------------------------
 SAGITTAL_IOP = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
@@ -102,7 +93,6 @@ SYNTAX_NAMES = ("explicit", "implicit", "rle", "j2k")
 SYNTAX_P = (0.70, 0.10, 0.10, 0.10)
 P_REVERSED, P_STIR, P_SIZE_DIFFERS, P_MISSING_SERIES = 0.2, 0.25, 0.3, 0.12
 CHUNK_PIXELS = 1 << 20  # render this many pixels at a time (bounds memory at real sizes)
-COARSE_STEP = 4  # pixels between exact evaluations of the slowly varying fields
 MAX_STORED = 4095
 
 
@@ -142,92 +132,13 @@ def sample_severity(rng: np.random.Generator) -> np.ndarray:
 # =============================================================================================
 
 
-@dataclass
-class Spine:
-    """One study's lumbar spine: a curved axis with disc nodes, and the sizes of its structures.
-
-    Positions are in patient mm. ``tab`` samples the axis: (y, z, tilt in radians) at arc length
-    ``tab_t0 + i * tab_dt``; ``t_nodes`` (descending) is the arc length of each disc node.
-    """
-
-    x0: float
-    t_nodes: np.ndarray
-    disc_mm: np.ndarray
-    tab_t0: float
-    tab_dt: float
-    tab: np.ndarray
-    body_rx: float
-    body_rb: float
-    canal_b: float
-    canal_ap: float
-    canal_lr: float
-    foramen_x: float
-    foramen_b: float
-    recess_x: float
-    node_severity: np.ndarray  # (5 conditions, nodes); 0 at the unlabeled nodes
-    degeneration: np.ndarray  # (nodes,) mean severity of a node: darkens and thins its disc
-    # (2 sides: left, right; nodes): each recess's own lateral / posterior offset from the study's
-    # recess_x / RECESS_DB (zero until ``vary_recesses``)
-    recess_dx: np.ndarray = None
-    recess_db: np.ndarray = None
-
-    def __post_init__(self):
-        n = len(self.t_nodes)
-        self.recess_dx = np.zeros((2, n)) if self.recess_dx is None else self.recess_dx
-        self.recess_db = np.zeros((2, n)) if self.recess_db is None else self.recess_db
-
-    def recess_at(self, side: int, node_sev: np.ndarray | float, node=slice(None)) -> tuple:
-        """(lateral |x|, b relative to the canal centre) of the recess centre of ``side`` (0 left,
-        1 right) at ``node`` whose subarticular severity is ``node_sev``: narrower recesses sit medially."""
-        x = self.recess_x + self.recess_dx[side, node] - RECESS_MEDIAL_MM * node_sev
-        return x, RECESS_DB + self.recess_db[side, node]
+class LumbarSpine(Spine):
+    """The phantom's spine with the lumbar task's levels and annotation points."""
 
     @property
     def severity(self) -> np.ndarray:
         """Latent severities (5 conditions, 5 levels)."""
         return self.node_severity[:, FIRST_LEVEL_NODE : FIRST_LEVEL_NODE + len(LEVELS)]
-
-    def _at(self, t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(y, z, tilt) of the axis at arc length t, by linear interpolation in the uniform table."""
-        f = (np.asarray(t, dtype=np.float64) - self.tab_t0) / self.tab_dt
-        i = np.clip(np.floor(f), 0, len(self.tab) - 2).astype(np.intp)
-        w = np.clip(f - i, 0.0, 1.0)[..., None]
-        v = self.tab[i] * (1.0 - w) + self.tab[i + 1] * w
-        return v[..., 0], v[..., 1], v[..., 2]
-
-    def to_patient(self, t, b, x) -> np.ndarray:
-        """Patient coordinates (..., 3) of spine coordinates (arc length, posterior offset, lateral)."""
-        y, z, th = self._at(t)
-        b = np.asarray(b, dtype=np.float64)
-        return np.stack(
-            np.broadcast_arrays(
-                self.x0 + np.asarray(x, dtype=np.float64), y + b * np.cos(th), z + b * np.sin(th)
-            ),
-            axis=-1,
-        )
-
-    def to_spine(self, points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Spine coordinates (t, b, x) of patient points (..., 3): the foot of each point on the axis.
-
-        Starts from the axis point at the same height and moves along the axis by the point's
-        offset along the local direction; the axis bends slowly (radius ~ 40 cm), so three steps
-        are exact to far below a pixel within the canal's reach.
-        """
-        p = np.asarray(points, dtype=np.float64)
-        y, z = p[..., 1], p[..., 2]
-        t_tab = self.tab_t0 + self.tab_dt * np.arange(len(self.tab))
-        t = np.interp(z, self.tab[:, 1], t_tab)
-        for _ in range(3):
-            yq, zq, th = self._at(t)
-            t = t + (z - zq) * np.cos(th) - (y - yq) * np.sin(th)
-        yq, zq, th = self._at(t)
-        b = (y - yq) * np.cos(th) + (z - zq) * np.sin(th)
-        return t, b, p[..., 0] - self.x0
-
-    def axis_direction(self, t) -> np.ndarray:
-        """Unit direction of the axis (superior) at arc length t: the normal of a disc there."""
-        th = self._at(t)[2]
-        return np.stack(np.broadcast_arrays(np.zeros_like(th), -np.sin(th), np.cos(th)), axis=-1)
 
     def level_t(self, level: int) -> float:
         """Arc length of labeled level ``level`` (0 = L1/L2 ... 4 = L5/S1)."""
@@ -259,34 +170,7 @@ class Spine:
         return self.to_patient(t, self.canal_b + db, side * x)
 
 
-def vary_recesses(spine: Spine, rng: np.random.Generator) -> None:
-    """Give each recess (side, level) its own lateral and AP place around the study's.
-
-    Drawn from a stream of its own, so the studies' other draws (and thus every other quirk of a
-    seed) stay where they were.
-    """
-    shape = spine.recess_dx.shape
-    spine.recess_dx = rng.normal(0.0, RECESS_X_JITTER, shape)
-    spine.recess_db = rng.normal(0.0, RECESS_B_JITTER, shape)
-
-
-def _centreline(
-    t_nodes: np.ndarray, tilt_deg: np.ndarray, origin_yz, step: float = 0.5, margin: float = 120.0
-) -> tuple[float, np.ndarray]:
-    """Integrate the axis from the node tilts: table of (y, z, tilt) and its first arc length."""
-    t = np.arange(t_nodes[-1] - margin, t_nodes[0] + margin + step, step)
-    th = np.deg2rad(np.interp(t, t_nodes[::-1], tilt_deg[::-1]))
-
-    def integrate(d):
-        return np.concatenate([[0.0], np.cumsum((d[1:] + d[:-1]) * 0.5 * step)])
-
-    y, z = integrate(-np.sin(th)), integrate(np.cos(th))
-    y += origin_yz[0] - np.interp(0.0, t, y)
-    z += origin_yz[1] - np.interp(0.0, t, z)
-    return float(t[0]), np.stack([y, z, th], axis=1)
-
-
-def sample_spine(rng: np.random.Generator, severity: np.ndarray) -> Spine:
+def sample_spine(rng: np.random.Generator, severity: np.ndarray) -> LumbarSpine:
     """Draw one study's anatomy (jittered sizes, tilts and position) showing ``severity`` (5, 5)."""
     n = len(NODE_NAMES)
     node_sev = np.zeros((len(CONDITIONS), n))
@@ -297,9 +181,9 @@ def sample_spine(rng: np.random.Generator, severity: np.ndarray) -> Spine:
     body = BASE_BODY_MM * rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, n - 1)
     t_nodes = -np.concatenate([[0.0], np.cumsum(disc[:-1] / 2 + body + disc[1:] / 2)])
     t_nodes -= t_nodes[ANCHOR_NODE]
-    t0, tab = _centreline(t_nodes, tilt, (rng.uniform(-40.0, 0.0), rng.uniform(-60.0, 60.0)))
+    t0, tab = centreline(t_nodes, tilt, (rng.uniform(-40.0, 0.0), rng.uniform(-60.0, 60.0)))
     body_rb, canal_ap, canal_lr = rng.uniform(15.5, 18.5), rng.uniform(6.5, 8.0), rng.uniform(8.5, 10.0)
-    return Spine(
+    return LumbarSpine(
         x0=rng.normal(0.0, 3.0),
         t_nodes=t_nodes,
         disc_mm=disc,
@@ -317,208 +201,6 @@ def sample_spine(rng: np.random.Generator, severity: np.ndarray) -> Spine:
         node_severity=node_sev,
         degeneration=degeneration,
     )
-
-
-# =============================================================================================
-# Rendering
-# =============================================================================================
-
-
-@dataclass
-class _Local:
-    """Spine coordinates of a set of points and the parameters of each point's nearest disc node."""
-
-    b: np.ndarray
-    x: np.ndarray
-    bc: np.ndarray  # b relative to the canal centre
-    dt: np.ndarray  # arc length relative to the nearest node
-    half: np.ndarray  # half the thickness of that node's disc (0: fused)
-    sev: np.ndarray  # (5 conditions, ...) that node's severities
-    deg: np.ndarray  # that node's degeneration
-    recess: tuple  # per side (left, right): that node's recess centre (lateral |x|, b from the canal)
-
-
-def _locate(spine: Spine, t, b, x) -> _Local:
-    asc = spine.t_nodes[::-1]
-    k = len(asc) - 1 - np.searchsorted((asc[1:] + asc[:-1]) / 2, t)
-    f32 = np.float32
-    return _Local(
-        b=b.astype(f32),
-        x=x.astype(f32),
-        bc=(b - spine.canal_b).astype(f32),
-        dt=(t - spine.t_nodes[k]).astype(f32),
-        half=(spine.disc_mm / 2).astype(f32)[k],
-        sev=spine.node_severity.astype(f32)[:, k],
-        deg=spine.degeneration.astype(f32)[k],
-        recess=tuple(
-            tuple(v.astype(f32)[k] for v in spine.recess_at(side, spine.node_severity[3 + side]))
-            for side in (0, 1)
-        ),
-    )
-
-
-def _ellipse(u, v, ru, rv, edge: float) -> np.ndarray:
-    """Soft (anti-aliased over ``edge`` mm) indicator of the ellipse (u/ru)^2 + (v/rv)^2 < 1."""
-    q = np.sqrt((u / ru) ** 2 + (v / rv) ** 2)
-    return np.clip(0.5 + (1.0 - q) * np.minimum(ru, rv) / edge, 0.0, 1.0)
-
-
-def _below(u, hi, edge: float) -> np.ndarray:
-    """Soft indicator of u < hi."""
-    return np.clip(0.5 + (hi - u) / edge, 0.0, 1.0)
-
-
-def _between(u, lo, hi, edge: float) -> np.ndarray:
-    """Soft indicator of lo < u < hi."""
-    return np.clip(0.5 + np.minimum(u - lo, hi - u) / edge, 0.0, 1.0)
-
-
-def _gauss(u, sigma: float) -> np.ndarray:
-    return np.exp(-0.5 * (u / sigma) ** 2)
-
-
-def _paint(img: np.ndarray, mask, value) -> None:
-    """Lay ``value`` over ``img`` where ``mask`` (0..1) is set; later layers cover earlier ones."""
-    img += mask * (value - img)
-
-
-def _paint_torso(img, sp: Spine, loc: _Local, v: dict, edge: float) -> None:
-    # The torso is an ellipse in front of the spine: skin a few cm behind the back muscles.
-    bt = loc.bc + 40.0
-    _paint(img, _ellipse(loc.x, bt, 140.0, 115.0, edge), v["fat"])
-    _paint(img, _ellipse(loc.x, bt, 128.0, 103.0, edge), v["soft"])
-    for side in (1.0, -1.0):
-        _paint(img, _ellipse(loc.x - side * 24.0, loc.bc - 32.0, 18.0, 26.0, edge), v["muscle"])
-        _paint(img, _ellipse(loc.x - side * (sp.body_rx + 12.0), loc.b + 2.0, 11.0, 15.0, edge), v["muscle"])
-    # The aorta runs left of the midline in front of the body: a flow void that tells left from right.
-    _paint(img, _ellipse(loc.x - 10.0, loc.b + sp.body_rb + 14.0, 9.0, 9.0, edge), v["vessel"])
-
-
-def _paint_posterior(img, sp: Spine, loc: _Local, v: dict, edge: float) -> None:
-    ax = np.abs(loc.x)
-    # Pedicles, laminae and spinous processes are bone away from the disc levels; at a disc level
-    # ligaments fill the space between them, where the foramina open.
-    away = 1.0 - _below(np.abs(loc.dt), loc.half + 3.0, edge)
-    lateral = _below(np.abs(ax - 19.0), 8.0, edge) * _between(
-        loc.bc, -sp.canal_ap - 3.0, sp.canal_ap + 5.0, edge
-    )
-    lamina = _below(ax, 15.0, edge) * _between(loc.bc, sp.canal_ap + 1.5, sp.canal_ap + 8.0, edge)
-    spinous = _below(ax, 3.5, edge) * _between(loc.bc, sp.canal_ap + 1.5, sp.canal_ap + 48.0, edge)
-    _paint(img, lateral, v["ligament"])
-    _paint(img, np.maximum(lateral, np.maximum(lamina, spinous)) * away, 0.9 * v["marrow"])
-    flavum = _below(ax, 12.0, edge) * _between(loc.bc, sp.canal_ap + 0.5, sp.canal_ap + 3.5, edge)
-    _paint(img, flavum * (1.0 - away), v["ligament"])
-
-
-def _paint_canal(img, sp: Spine, loc: _Local, v: dict, edge: float) -> None:
-    sev = loc.sev
-    narrow = sev[0] * _gauss(loc.dt, 4.5)
-    ap = sp.canal_ap * (1.0 - CANAL_AP_LOSS * narrow)
-    lr = sp.canal_lr * (1.0 - CANAL_LR_LOSS * narrow)
-    # Stenosis: thickened ligaments take the space the sac loses, so it turns dark, not fatty.
-    _paint(img, _ellipse(loc.x, loc.bc, sp.canal_lr + 1.0, sp.canal_ap + 1.0, edge), v["ligament"])
-    _paint(img, _ellipse(loc.x, loc.bc, lr + 2.0, ap + 1.0, edge), v["fat"])
-    csf = _ellipse(loc.x, loc.bc, lr, ap, edge)
-    for j, (side, ci) in enumerate(((1.0, 3), (-1.0, 4))):
-        g = _gauss(loc.dt, 5.0)
-        f = 1.0 - RECESS_LOSS * sev[ci] * g
-        rx, rb = loc.recess[j]
-        # the medial shift fades away from the disc like the narrowing, so the recess runs smoothly
-        rx = rx + RECESS_MEDIAL_MM * sev[ci] * (1.0 - g)
-        recess = _ellipse(loc.x - side * rx, loc.bc - rb, 4.5 * f, 4.0 * f, edge)
-        csf = np.maximum(csf, recess)
-    _paint(img, csf, v["csf"])
-
-
-def _paint_column(img, sp: Spine, loc: _Local, v: dict, edge: float) -> None:
-    half = loc.half
-    has_disc = half > 0
-    in_disc = _below(np.abs(loc.dt), half, edge) * has_disc
-    # A stenotic disc bulges backwards into the canal.
-    bulge = DISC_BULGE_MM * loc.sev[0] * in_disc * (loc.b > 0)
-    column = _ellipse(loc.x, loc.b, sp.body_rx, sp.body_rb + bulge, edge)
-    _paint(img, column, v["cortex"])
-    _paint(img, _ellipse(loc.x, loc.b, sp.body_rx - 1.5, sp.body_rb - 1.5, edge), v["marrow"])
-    endplate = _below(np.abs(np.abs(loc.dt) - half - 0.6), 0.8, edge) * has_disc
-    _paint(img, column * endplate, v["cortex"])
-    _paint(img, column * in_disc, v["annulus"])
-    nucleus = (
-        _ellipse(loc.x, loc.b + 2.0, 0.6 * sp.body_rx, 0.55 * sp.body_rb, edge)
-        * _below(np.abs(loc.dt), 0.7 * half, edge)
-        * has_disc
-    )
-    _paint(img, nucleus, v["nucleus"] * (1.0 - v["nucleus_drop"] * loc.deg))
-
-
-def _paint_foramina(img, sp: Spine, loc: _Local, v: dict, edge: float) -> None:
-    for side, ci in ((1.0, 1), (-1.0, 2)):
-        f = 1.0 - FORAMEN_LOSS * loc.sev[ci]
-        lateral = _below(np.abs(loc.x - side * sp.foramen_x), 6.5, edge)
-        u, w = loc.dt - FORAMEN_DT, loc.b - sp.foramen_b
-        _paint(img, lateral * _ellipse(u, w, 6.5 * f, 4.5 * f, edge), v["fat"])
-        _paint(img, lateral * _ellipse(u - 2.5 * f, w, 1.6, 1.6, edge), v["nerve"])
-
-
-def _render_local(spine: Spine, contrast: str, t, b, x, edge: float) -> np.ndarray:
-    v = CONTRASTS[contrast]
-    loc = _locate(spine, t, b, x)
-    img = np.full(loc.b.shape, v["air"], dtype=np.float32)
-    for paint in (_paint_torso, _paint_posterior, _paint_canal, _paint_column, _paint_foramina):
-        paint(img, spine, loc, v, edge)
-    return img
-
-
-def render(spine: Spine, contrast: str, points: np.ndarray, edge: float) -> np.ndarray:
-    """Noise-free signal (relative units, CSF on T2 = 1) of the phantom at patient ``points`` (..., 3).
-
-    ``contrast`` is one of CONTRASTS; ``edge`` (mm, about a pixel) is the width over which tissue
-    boundaries are smoothed, so small images are anti-aliased rather than jagged.
-    """
-    return _render_local(spine, contrast, *spine.to_spine(points), edge)
-
-
-def _interp_matrix(n: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse positions over indices 0..n-1 (about ``step`` apart) and the (n, m) linear
-    interpolation matrix from values there back to every index."""
-    m = max(2, int(np.ceil((n - 1) / step)) + 1)
-    pos = np.linspace(0.0, n - 1.0, m)
-    idx = np.arange(n)
-    j = np.clip(np.searchsorted(pos, idx, side="right") - 1, 0, m - 2)
-    f = (idx - pos[j]) / (pos[j + 1] - pos[j])
-    w = np.zeros((n, m))
-    w[idx, j], w[idx, j + 1] = 1.0 - f, f
-    return pos, w
-
-
-def _smooth_on_pixels(fn: Callable, ipp, iop, spacing, rows: int, cols: int) -> np.ndarray:
-    """Evaluate ``fn(points) -> (k, n, mr, mc)`` on a coarse pixel grid of slices and interpolate it to
-    every pixel, (k, n, rows, cols).
-
-    For fields that vary slowly over a slice (spine coordinates, the coil's bias): the axis bends
-    over ~40 cm, so interpolating over 4 pixels errs by far less than a pixel, at 1/16 of the cost.
-    """
-    pr, wr = _interp_matrix(rows, COARSE_STEP)
-    pc, wc = _interp_matrix(cols, COARSE_STEP)
-    pts = geometry.pixel_to_patient(
-        pr[None, :, None], pc[None, None, :], ipp[:, None, None], iop[:, None, None], spacing
-    )
-    coarse = fn(pts)
-    lead, (mr, mc) = coarse.shape[:-2], coarse.shape[-2:]
-    # Two plain 2D products: numpy's batched matmul over many tiny matrices is much slower.
-    cols_done = (coarse.reshape(-1, mc) @ wc.T).reshape(-1, mr, cols)
-    full = wr @ cols_done.transpose(1, 0, 2).reshape(mr, -1)
-    return full.reshape(rows, -1, cols).transpose(1, 0, 2).reshape(*lead, rows, cols).astype(np.float32)
-
-
-def render_slices(spine: Spine, contrast: str, ipp, iop, spacing, rows: int, cols: int) -> np.ndarray:
-    """Noise-free images (n, rows, cols) of slices given by their DICOM geometry (ipp (n, 3), iop (n, 6)).
-
-    Anti-aliased over one pixel; the same phantom as ``render`` at each pixel centre.
-    """
-    ipp, iop = np.asarray(ipp, dtype=np.float64), np.asarray(iop, dtype=np.float64)
-    t, b, x = _smooth_on_pixels(lambda p: np.stack(spine.to_spine(p)), ipp, iop, spacing, rows, cols)
-    # Nearest-node lookups need the precision of float64 arc lengths only far below a pixel.
-    return _render_local(spine, contrast, t.astype(np.float64), b, x, float(max(spacing)))
 
 
 # =============================================================================================
@@ -855,7 +537,7 @@ def _acquire(clean: np.ndarray, series: SeriesPlan, ipp, iop, params: dict, rng)
         rel = (pts - params["centre"]) / 100.0
         return ((rel * params["bias"]).sum(-1) - params["curve"] * (rel**2).sum(-1))[None]
 
-    bias = np.exp(_smooth_on_pixels(log_bias, ipp, iop, series.spacing, series.rows, series.cols)[0])
+    bias = np.exp(smooth_on_pixels(log_bias, ipp, iop, series.spacing, series.rows, series.cols)[0])
     sigma = np.float32(params["sigma"])
     n1 = rng.standard_normal(clean.shape, dtype=np.float32) * sigma
     n2 = rng.standard_normal(clean.shape, dtype=np.float32) * sigma
