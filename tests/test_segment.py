@@ -12,12 +12,14 @@ from spine.cervical import ct
 from spine.cervical.segment import (
     SLICE_COLUMNS,
     VERTEBRA_COLUMNS,
+    TrainVolumes,
     align_mask,
     aligned_mask,
     augment,
     bone_share,
     convention_mask,
     geometries,
+    neck_extent,
     planes_path,
     predict_test,
     run_segment,
@@ -199,6 +201,9 @@ def test_stage_02_tables_resume_and_test_inference(cached, tmp_path):
     assert all(planes_path(paths, s).exists() for s in n_slices)  # the overlays' mid planes
     assert report["truth_agreement"] is not None  # generated data: spans compared with the truth
     assert paths.localize_report.exists() and (paths.localize_dir / "config.yaml").exists()
+    # the first pass (neck window): one model per fold, its extent error reported per OOF study
+    assert all(paths.segmenter_checkpoint(f, cfg.seed, part="neck").exists() for f in (0, 1))
+    assert report["neck_window_error_mm"]["studies"] == 3
 
     # a rerun trains nothing and keeps the fold-mean predictions
     stamp = paths.segmenter_checkpoint(0, cfg.seed).stat().st_mtime_ns
@@ -266,3 +271,30 @@ def test_order_counts_confused_vertebrae_down_the_neck():
     # the same stack stored feet first: the votes, not the slice order, say where the head is
     flipped = order_components(labels[::-1].copy(), z)
     assert [int(flipped[69 - (10 * i + 3), 2, 2]) for i in range(7)] == got
+
+
+def test_neck_window_cuts_training_volumes_and_is_found_on_the_grid():
+    """The fine pass trains on the C1..C7 planes plus a random margin; the first pass's extent is the
+    z span (mm) of its largest C1..C7 piece."""
+    y = np.zeros((40, 4, 4), dtype=np.int64)
+    y[10:15, 1:3, 1:3] = 1  # C1
+    y[15:25, 1:3, 1:3] = 5  # down to a "C5"
+    y[28:35, 1:3, 1:3] = 8  # thorax
+    x = np.broadcast_to((np.arange(40, dtype=np.float32) + 1)[None, :, None, None], (2, 40, 4, 4)).copy()
+    data = TrainVolumes([(x, y)], depth=40, air=np.zeros(2), seed=0, margin=(2, 4))
+    above, below = set(), set()
+    for _ in range(40):
+        planes = np.unique(data[0]["x"][0].numpy())  # the source plane number of every plane kept
+        planes = planes[planes > 0].astype(int) - 1
+        assert (np.diff(planes) == 1).all()  # one contiguous cut
+        above.add(10 - planes[0])
+        below.add(planes[-1] - 24)
+    assert above == {2, 3, 4} and below == {2, 3, 4}  # C1..C5 planes 10..24 plus 2-4 planes each side
+
+    probs = torch.zeros((9, 40, 4, 4))
+    probs[0] = 1.0
+    probs[0, 12:20, 1:3, 1:3], probs[3, 12:20, 1:3, 1:3] = 0.0, 1.0  # C3 on planes 12..19
+    probs[0, 30, 0, 0], probs[2, 30, 0, 0] = 0.0, 1.0  # a stray voxel: not the largest piece
+    field = type("F", (), {"grid_z": np.arange(40) * 2.0 + 100.0})()
+    assert neck_extent(probs, field) == (100.0 + 24 - 1, 100.0 + 38 + 1)
+    assert neck_extent(torch.zeros((9, 5, 2, 2)).index_fill_(0, torch.tensor([0]), 1.0), field) is None

@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
@@ -102,7 +103,7 @@ VERTEBRA_COLUMNS = [
 ]
 SLICE_COLUMNS = ["study_id", "split", "series_id", "stack", "index", *VERTEBRAE, "source"]
 DICE_COLUMNS = ["fold", "overlap", "true_voxels", "raw_voxels", "raw_overlap"]  # per-fold files only
-ALIGN_COLUMNS = ["mask_alignment", "mask_bone_share", "header_bone_share"]  # per-fold files only
+ALIGN_COLUMNS = ["mask_alignment", "mask_bone_share", "header_bone_share", "neck_error_mm"]  # per-fold only
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 BONE_HU = 200.0  # bone from here up: the mask alignment check and the spine's centre
 
@@ -329,20 +330,24 @@ def spine_centre(stack: ct.CTStack, samples: int = 16) -> tuple[float, float]:
     return float(np.median(rows)), float(np.median(cols))
 
 
-def study_field(stack: ct.CTStack, geo: StackGeometry, sc, multiple: int) -> Field:
+def study_field(stack: ct.CTStack, geo: StackGeometry, sc, multiple: int, z_range=None) -> Field:
     """The study's grid: ``segment.voxel_mm`` (slice, row, col) per voxel; in-plane the square of
     ``segment.field_mm[1:]`` centred on the spine; along the slices the whole scanned extent (the UNet
-    is fully convolutional there), each side a multiple of ``multiple``."""
+    is fully convolutional there), or its part within ``z_range`` (mm along the slice normal: the neck
+    window of the first pass), each side a multiple of ``multiple``."""
     vz, vy, vx = (float(v) for v in sc.voxel_mm)
     z = geometry.slice_positions(geo.ipp, geo.iop[0])
-    d = _round_up(int(np.ceil((z.max() - z.min()) / vz)) + 1, multiple)
+    lo, hi = float(z.min()), float(z.max())
+    if z_range is not None and min(hi, z_range[1]) > max(lo, z_range[0]):
+        lo, hi = max(lo, float(z_range[0])), min(hi, float(z_range[1]))
+    d = _round_up(int(np.ceil((hi - lo) / vz)) + 1, multiple)
     h = _round_up(round(float(sc.field_mm[1]) / vy), multiple)
     w = _round_up(round(float(sc.field_mm[2]) / vx), multiple)
     cr, cc = spine_centre(stack)
     sr, scol = geo.spacing[0]
     return Field(
         stack_z=z,
-        grid_z=(z.max() + z.min()) / 2 + (np.arange(d) + 0.5 - d / 2) * vz,
+        grid_z=(hi + lo) / 2 + (np.arange(d) + 0.5 - d / 2) * vz,
         stack_rows=(np.arange(stack.shape[1]) - cr) * sr,
         grid_rows=(np.arange(h) + 0.5 - h / 2) * vy,
         stack_cols=(np.arange(stack.shape[2]) - cc) * scol,
@@ -400,21 +405,35 @@ def _as_is(sample):
     return sample
 
 
+def cervical_planes(y: np.ndarray) -> tuple[int, int] | None:
+    """First and last grid plane holding C1..C7 in a (D, H, W) class grid; None when none does."""
+    on = np.flatnonzero(((y >= 1) & (y <= len(VERTEBRAE))).any((1, 2)))
+    return (int(on[0]), int(on[-1])) if len(on) else None
+
+
 class TrainVolumes(Dataset):
     """Prepared (input, target) grids of the training studies, as tensors of a fixed depth: the whole
     study when it fits (padded with air at a random offset), else a random window of ``depth`` planes.
+    With ``margin`` (planes, low and high), a study is first cut to its C1..C7 planes plus a random
+    margin above and below: what the second pass sees inside the first pass's neck window.
     Each study comes ``repeats`` times per epoch (fresh augmentation each time)."""
 
-    def __init__(self, grids, depth: int, air: np.ndarray, seed: int, repeats: int = 1):
+    def __init__(self, grids, depth: int, air: np.ndarray, seed: int, repeats: int = 1, margin=None):
         self.grids, self.depth, self.air = grids, int(depth), np.asarray(air, dtype=np.float32)
         self.repeats = max(1, int(repeats))
         self.rng = np.random.default_rng(seed)
+        self.margin = margin
 
     def __len__(self) -> int:
         return len(self.grids) * self.repeats
 
     def __getitem__(self, i: int) -> dict:
         x, y = self.grids[i % len(self.grids)]
+        span = cervical_planes(y) if self.margin is not None else None
+        if span is not None:
+            above, below = self.rng.integers(self.margin[0], self.margin[1] + 1, size=2)
+            lo, hi = max(0, span[0] - int(above)), min(len(y), span[1] + int(below) + 1)
+            x, y = x[:, lo:hi], y[lo:hi]
         d = x.shape[1]
         xo = np.broadcast_to(self.air[:, None, None, None], (len(x), self.depth, *x.shape[2:])).copy()
         yo = np.zeros((self.depth, *y.shape[1:]), dtype=np.int64)
@@ -433,6 +452,68 @@ def train_depth(sc, depths=()) -> int:
     the top of the column and counts down from it, as it does at prediction)."""
     window = _round_up(round(float(sc.field_mm[0]) / float(sc.voxel_mm[0])), multiple_of(sc))
     return min(window, _round_up(max(depths), multiple_of(sc))) if len(depths) else window
+
+
+# =============================================================================================
+# The neck window (two passes): a coarse model over the whole stack finds C1..C7 along the slices;
+# the fine model segments that window plus a margin. Scans from the skull base to the thorax are
+# 2-4 times longer than the neck, and the fine model then works on what it was trained on.
+# =============================================================================================
+
+
+def neck_section(sc):
+    """The first pass's settings: ``segment`` with the keys of ``segment.neck`` (less ``margin_mm``)
+    over it; None when ``segment.neck`` is null (one pass over the whole stack)."""
+    if sc.get("neck") is None:
+        return None
+    merged = OmegaConf.to_container(sc, resolve=True)
+    neck = merged.pop("neck")
+    merged.update({k: v for k, v in neck.items() if k != "margin_mm"})
+    return OmegaConf.create({**merged, "neck": None})
+
+
+def neck_margin_planes(sc) -> tuple[int, int] | None:
+    """``segment.neck.margin_mm`` in fine-grid planes (None without a neck pass)."""
+    if sc.get("neck") is None:
+        return None
+    lo, hi = (float(m) / float(sc.voxel_mm[0]) for m in sc.neck.margin_mm)
+    return int(round(lo)), int(round(hi))
+
+
+def neck_extent(probs: torch.Tensor, field: Field) -> tuple[float, float] | None:
+    """(low, high) mm along the slice normal of the largest connected piece the first pass labels
+    C1..C7; None when it labels none."""
+    lab = probs.argmax(0).cpu().numpy()
+    comp, n = ndimage.label((lab >= 1) & (lab <= len(VERTEBRAE)))
+    if n == 0:
+        return None
+    largest = np.argmax(np.bincount(comp.ravel())[1:]) + 1
+    on = np.flatnonzero((comp == largest).any((1, 2)))
+    half = abs(float(field.grid_z[1] - field.grid_z[0])) / 2 if len(field.grid_z) > 1 else 0.0
+    ends = field.grid_z[on[[0, -1]]]
+    return float(ends.min()) - half, float(ends.max()) + half
+
+
+def neck_window(neck_models: list, stack: ct.CTStack, geo: StackGeometry, sc, device) -> tuple | None:
+    """The fine pass's z range: the first pass's C1..C7 extent widened by the middle of
+    ``segment.neck.margin_mm`` on each side; None (the whole stack) when the first pass found none."""
+    nsc = neck_section(sc)
+    field = study_field(stack, geo, nsc, multiple_of(nsc))
+    probs = predict_grid(neck_models, grid_input(stack, field, nsc), device, sc.amp, bool(sc.flip))
+    extent = neck_extent(probs, field)
+    if extent is None:
+        return None
+    m = float(np.mean(sc.neck.margin_mm))
+    return extent[0] - m, extent[1] + m
+
+
+def true_extent(labels: np.ndarray, geo: StackGeometry) -> tuple[float, float] | None:
+    """(low, high) mm along the slice normal of the stack slices a mask labels C1..C7."""
+    on = np.flatnonzero(((labels >= 1) & (labels <= len(VERTEBRAE))).any((1, 2)))
+    if not len(on):
+        return None
+    z = geometry.slice_positions(geo.ipp, geo.iop[0])[on]
+    return float(z.min()), float(z.max())
 
 
 # =============================================================================================
@@ -785,26 +866,59 @@ def planes_path(paths: Paths, study_id) -> Path:
     return paths.localize_dir / "planes" / f"{study_id}.npz"
 
 
+def prediction_grids(paths: Paths, items: list[StudyItem], sc, geos: dict, neck_models, device):
+    """Yield (item index, field, grid input) of every item: the whole stack, or with ``neck_models``
+    (the first pass) the neck window it finds (the whole stack where it finds none, logged)."""
+    if not neck_models:
+        for sample in load_grids(paths, items, sc, geos):
+            yield sample["i"], sample["field"], sample["x"], None
+        return
+    for i, it in enumerate(items):
+        stack = ct.CTStack(paths.cache_dir / it.path)
+        geo = geos[(it.study_id, it.series_id, it.stack)]
+        window = neck_window(neck_models, stack, geo, sc, device)
+        if window is None:
+            log.warning(
+                "study %s: the first pass found no cervical vertebra: whole stack segmented", it.study_id
+            )
+        field = study_field(stack, geo, sc, multiple_of(sc), window)
+        yield i, field, grid_input(stack, field, sc), window
+
+
 def predict_studies(
-    paths: Paths, items: list[StudyItem], models: list, sc, source: str, geos: dict, score=False, device=None
+    paths: Paths,
+    items: list[StudyItem],
+    models: list,
+    sc,
+    source: str,
+    geos: dict,
+    score=False,
+    device=None,
+    neck_models=None,
 ) -> tuple[list[dict], list[pd.DataFrame]]:
-    """Vertebra rows and slice tables of ``items`` from the mean of ``models``; each study's mid planes
-    saved for the overlays. With ``score``, a study with a mask is also scored against it (overlap and
-    true_voxels for Dice, and how its mask was aligned)."""
+    """Vertebra rows and slice tables of ``items`` from the mean of ``models`` (within the neck window
+    of ``neck_models``, the first pass, when given); each study's mid planes saved for the overlays.
+    With ``score``, a study with a mask is also scored against it (overlap and true_voxels for Dice,
+    how its mask was aligned, and the neck window's error in mm)."""
     device = device or resolve_device(sc.device)
     readable = [it for it in items if it.path is not None]
     rows, slices = [], []
     for it in items:
         if it.path is None:
             rows += vertebra_rows(it, None, source, sc.min_voxels)
-    for sample in load_grids(paths, readable, sc, geos):
-        it, field = readable[sample["i"]], sample["field"]
-        probs = predict_grid(models, sample["x"], device, sc.amp, bool(sc.flip))
+    for i, field, x, window in prediction_grids(paths, readable, sc, geos, neck_models, device):
+        it = readable[i]
+        probs = predict_grid(models, x, device, sc.amp, bool(sc.flip))
         stack = ct.CTStack(paths.cache_dir / it.path)
-        aligned = None
+        aligned, neck_error = None, np.nan
         if score and it.mask is not None:
             geo = geos[(it.study_id, it.series_id, it.stack)]
             aligned = aligned_mask(it.mask, geo, it.shape, stack, float(sc.min_bone_share))
+            truth_z = true_extent(to_classes(aligned.labels), geo)
+            if neck_models and truth_z is not None:
+                margin = float(np.mean(sc.neck.margin_mm))
+                found = (window[0] + margin, window[1] - margin) if window else (np.inf, np.inf)
+                neck_error = max(abs(found[0] - truth_z[0]), abs(found[1] - truth_z[1]))
         truth = to_classes(aligned.labels) if aligned is not None else None
         red = reduce_to_stack(
             probs, field, it.shape, int(sc.chunk_slices), truth, stack, sc.refine_hu, bool(sc.order)
@@ -816,6 +930,7 @@ def predict_studies(
                     mask_alignment=aligned.method,
                     mask_bone_share=round(aligned.share, 4),
                     header_bone_share=round(aligned.header_share, 4),
+                    neck_error_mm=round(float(neck_error), 1),
                 )
         rows += study_rows
         slices.append(slice_rows(it, red, source))
@@ -864,7 +979,10 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
         return train_segmenter(model, volumes, sc, cfg.seed + fold, ckpt, device, f"fold {fold}")
 
     model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
-    rows, slices = predict_studies(paths, held, [model], sc, "oof", geos, score=True, device=device)
+    neck = train_neck_fold(cfg, paths, train, fold, geos, key, device)
+    rows, slices = predict_studies(
+        paths, held, [model], sc, "oof", geos, score=True, device=device, neck_models=neck
+    )
     columns = VERTEBRA_COLUMNS + DICE_COLUMNS[1:] + ALIGN_COLUMNS
     table = pd.DataFrame(rows).reindex(columns=columns).assign(fold=fold)
     save_table(paths.segmenter_slices(fold), _concat(slices))
@@ -872,11 +990,38 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
     mark_current(paths.segmenter_predictions(fold), key)
 
 
+def train_neck_fold(cfg, paths: Paths, train: list, fold: int, geos, key: str, device) -> list | None:
+    """The first pass of fold ``fold`` ([model]), trained on whole studies at its coarse grid; None
+    without ``segment.neck``."""
+    nsc = neck_section(cfg.segment)
+    if nsc is None:
+        return None
+    ckpt = paths.segmenter_checkpoint(fold, cfg.seed, part="neck")
+
+    def fit_fold(model):
+        volumes = [(s["x"], s["y"]) for s in load_grids(paths, train, nsc, geos, targets=True)]
+        return train_segmenter(model, volumes, nsc, cfg.seed + fold, ckpt, device, f"fold {fold} neck")
+
+    model, _ = fold_model(
+        ckpt, fingerprint(key, "neck"), cfg.seed + fold, lambda: build_model(nsc), fit_fold, device
+    )
+    return [model]
+
+
 def train_segmenter(model, volumes: list, sc, seed: int, ckpt: Path, device, desc: str = "train"):
-    """Fit ``model`` on prepared (input, target) grids; returns ``fit``'s (model, history)."""
+    """Fit ``model`` on prepared (input, target) grids; returns ``fit``'s (model, history). With
+    ``segment.neck`` (the second pass) each study is cut to its neck plus a random margin."""
     air = ct.windows(np.array([ct.AIR_HU]), list(sc.windows))[:, 0]
-    depth = train_depth(sc, [x.shape[1] for x, _ in volumes])
-    data = TrainVolumes(volumes, depth, air, seed, int(sc.repeats))
+    margin = neck_margin_planes(sc)
+    depths = [x.shape[1] for x, _ in volumes]
+    if margin is not None:  # the longest cut a study can give
+        spans = [cervical_planes(y) for _, y in volumes]
+        depths = [
+            d if sp is None else min(d, sp[1] - sp[0] + 1 + 2 * margin[1])
+            for d, sp in zip(depths, spans, strict=True)
+        ]
+    depth = train_depth(sc, depths)
+    data = TrainVolumes(volumes, depth, air, seed, int(sc.repeats), margin)
     # full batches only (when there are enough studies): a batch of one volume takes the slow
     # convolution path on CPU; the shuffle still reaches every study across epochs
     batch = int(sc.batch)
@@ -889,12 +1034,19 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SLICE_COLUMNS)
 
 
-def load_models(cfg, paths: Paths, folds: list[int], device) -> list:
-    """Every fold's trained segmenter; a clear error naming a missing checkpoint and the fix."""
+def load_models(cfg, paths: Paths, folds: list[int], device, part: str = "") -> list:
+    """Every fold's trained segmenter (``part="neck"``: the first pass's; [] without one); a clear
+    error naming a missing checkpoint and the fix."""
+    sc = neck_section(cfg.segment) if part == "neck" else cfg.segment
+    if sc is None:
+        return []
     ckpts = fold_checkpoints(
-        lambda f: paths.segmenter_checkpoint(f, cfg.seed), folds, "02_localize", "segmenter"
+        lambda f: paths.segmenter_checkpoint(f, cfg.seed, part=part),
+        folds,
+        "02_localize",
+        f"segmenter {part}".strip(),
     )
-    return [load_weights(build_model(cfg.segment), ckpt, device) for ckpt in ckpts]
+    return [load_weights(build_model(sc), ckpt, device) for ckpt in ckpts]
 
 
 def run_segment(cfg) -> dict:
@@ -927,13 +1079,16 @@ def _run_segment(cfg) -> dict:
     ]
     oof = pd.concat(parts, ignore_index=True)
     # and the fold models themselves: a fold retrained since (its checkpoint rewritten) remakes the mean
-    ckpts = [paths.segmenter_checkpoint(f, cfg.seed) for f in folds]
+    ckpts = [paths.segmenter_checkpoint(f, cfg.seed, part=part) for f in folds for part in ("", "neck")]
     mean_key = fingerprint(key, folds, [c.stat().st_mtime_ns if c.exists() else None for c in ckpts])
     if not is_current(paths.segmenter_mean_predictions, mean_key):
         others = [it for it in items if it.study_id not in set(oof["study_id"])]
         device = resolve_device(sc.device)
         models = load_models(cfg, paths, folds, device)
-        rows, slices = predict_studies(paths, others, models, sc, "fold_mean", geos, device=device)
+        neck = load_models(cfg, paths, folds, device, part="neck")
+        rows, slices = predict_studies(
+            paths, others, models, sc, "fold_mean", geos, device=device, neck_models=neck
+        )
         save_table(paths.segmenter_mean_slices, _concat(slices))
         save_table(paths.segmenter_mean_predictions, pd.DataFrame(rows))
         mark_current(paths.segmenter_mean_predictions, mean_key)
@@ -1059,6 +1214,18 @@ def _number(x) -> float | None:
     return None if pd.isna(x) else float(x)
 
 
+def neck_report(oof: pd.DataFrame) -> dict | None:
+    """Over the OOF studies, the first pass's error (mm) at the worse end of the neck's extent."""
+    if "neck_error_mm" not in oof or not oof["neck_error_mm"].notna().any():
+        return None
+    err = oof.drop_duplicates("study_id")["neck_error_mm"].dropna()
+    return {
+        "studies": int(len(err)),
+        "median": round(float(err.median()), 1),
+        "max": round(float(err.max()), 1),
+    }
+
+
 def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict) -> dict:
     """OOF Dice and found-rate per vertebra, found/in-order shares per source, the mask alignment check,
     truth agreement."""
@@ -1084,6 +1251,7 @@ def segment_report(paths: Paths, vert: pd.DataFrame, geos: dict) -> dict:
         "studies": per_source,
         "in_order_all": round(float(order.mean()), 3),
         "mask_alignment": alignment_report(oof) if oof is not None else None,
+        "neck_window_error_mm": neck_report(oof) if oof is not None else None,
         "truth_agreement": truth_agreement(paths, vert, geos),
     }
 
@@ -1096,6 +1264,9 @@ def _summary(report: dict) -> dict:
     out["oof dice mean, grid only"] = (report.get("dice_oof_grid_only") or {}).get("mean")
     out.update({f"oof dice {v}": d for v, d in (dice.get("per_vertebra") or {}).items()})
     out.update({f"oof found {v}": f for v, f in (dice.get("found_rate") or {}).items()})
+    neck = report.get("neck_window_error_mm") or {}
+    if neck:
+        out["oof neck window error mm, median / max"] = f"{neck['median']} / {neck['max']}"
     align = report.get("mask_alignment") or {}
     out["masks on bone, min share"] = align.get("min_share_kept")
     out["masks aligned by convention"] = align.get("convention_used")
@@ -1127,8 +1298,12 @@ def _predict_test(cfg) -> dict:
     paths = Paths.from_config(cfg)
     device = resolve_device(sc.device)
     items = study_items(paths, splits=("test",))
-    models = load_models(cfg, paths, selected_folds(cfg, cfg.segment), device)
-    rows, slices = predict_studies(paths, items, models, sc, "test_mean", geometries(paths), device=device)
+    folds = selected_folds(cfg, cfg.segment)
+    models = load_models(cfg, paths, folds, device)
+    neck = load_models(cfg, paths, folds, device, part="neck")
+    rows, slices = predict_studies(
+        paths, items, models, sc, "test_mean", geometries(paths), device=device, neck_models=neck
+    )
     vert = order_rows(pd.DataFrame(rows, columns=VERTEBRA_COLUMNS))
     save_table(paths.vertebrae, vert)
     save_table(paths.slice_labels, _concat(slices))

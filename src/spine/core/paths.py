@@ -107,8 +107,10 @@ class Paths:
         return self.localize_dir / "report.json"
 
     # Stage 02, cervical: vertebra segmentation
-    def segmenter_checkpoint(self, fold: int, seed: int) -> Path:
-        return self.models_dir / "segmenter" / f"fold{fold}_seed{seed}.pt"
+    def segmenter_checkpoint(self, fold: int, seed: int, part: str = "") -> Path:
+        """A fold's segmenter; ``part`` names a second model of the stage (cervical: ``neck``, the first
+        pass that finds the neck on the whole stack)."""
+        return self.models_dir / "segmenter" / f"{part + '_' if part else ''}fold{fold}_seed{seed}.pt"
 
     def segmenter_predictions(self, fold: int) -> Path:
         """One fold's per-vertebra table of its held-out segmented studies (OOF); marks the fold done."""
