@@ -19,6 +19,7 @@ from spine.cervical.segment import (
     bone_share,
     convention_mask,
     geometries,
+    neck_classes,
     neck_extent,
     planes_path,
     predict_test,
@@ -291,10 +292,13 @@ def test_neck_window_cuts_training_volumes_and_is_found_on_the_grid():
         below.add(planes[-1] - 24)
     assert above == {2, 3, 4} and below == {2, 3, 4}  # C1..C5 planes 10..24 plus 2-4 planes each side
 
-    probs = torch.zeros((9, 40, 4, 4))
+    probs = torch.zeros((3, 40, 4, 4))  # the first pass: background, cervical, thoracic
     probs[0] = 1.0
-    probs[0, 12:20, 1:3, 1:3], probs[3, 12:20, 1:3, 1:3] = 0.0, 1.0  # C3 on planes 12..19
-    probs[0, 30, 0, 0], probs[2, 30, 0, 0] = 0.0, 1.0  # a stray voxel: not the largest piece
+    probs[0, 12:20, 1:3, 1:3], probs[1, 12:20, 1:3, 1:3] = 0.0, 1.0  # the neck on planes 12..19
+    probs[0, 30, 0, 0], probs[1, 30, 0, 0] = 0.0, 1.0  # a stray voxel: not the largest piece
+    probs[0, 33:38], probs[2, 33:38] = 0.0, 1.0  # thorax
     field = type("F", (), {"grid_z": np.arange(40) * 2.0 + 100.0})()
     assert neck_extent(probs, field) == (100.0 + 24 - 1, 100.0 + 38 + 1)
-    assert neck_extent(torch.zeros((9, 5, 2, 2)).index_fill_(0, torch.tensor([0]), 1.0), field) is None
+    assert neck_extent(torch.zeros((3, 5, 2, 2)).index_fill_(0, torch.tensor([0]), 1.0), field) is None
+    y = np.array([0, 1, 4, 7, 8])
+    np.testing.assert_array_equal(neck_classes(y), [0, 1, 1, 1, 2])

@@ -12,6 +12,11 @@ CLASSIFY_TINY = [
     "train.batch_size=8",
     "train.loader_workers=0",
 ]
+# The cervical segmenter's first pass (the demo configs have none: their scans are narrow).
+NECK_TINY = (
+    "segment.neck={voxel_mm: [8, 8, 8], field_mm: [640, 64, 64], widths: [4, 8], epochs: 1, "
+    "margin_mm: [5, 30]}"
+)
 # Cervical segmenter (stage 02) on 40² studies.
 SEGMENT_TINY = [
     "num_workers=1",
@@ -19,10 +24,7 @@ SEGMENT_TINY = [
     "segment.voxel_mm=[8,8,8]",
     "segment.field_mm=[64,64,64]",
     "segment.widths=[4,8]",
-    "segment.neck.voxel_mm=[8,8,8]",
-    "segment.neck.field_mm=[640,64,64]",
-    "segment.neck.widths=[4,8]",
-    "segment.neck.epochs=1",
+    NECK_TINY,
     "segment.epochs=1",
     "segment.batch=2",
     "segment.min_voxels=1",
@@ -47,10 +49,7 @@ CERVICAL_TINY = [
     "segment.voxel_mm=[8,8,8]",
     "segment.field_mm=[64,64,64]",
     "segment.widths=[4,8]",
-    "segment.neck.voxel_mm=[8,8,8]",
-    "segment.neck.field_mm=[640,64,64]",
-    "segment.neck.widths=[4,8]",
-    "segment.neck.epochs=1",
+    NECK_TINY,
     "segment.epochs=2",
     "segment.min_voxels=1",
     "crop.depth=8",

@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = ["background", *VERTEBRAE, "thoracic"]  # model classes; mask label l -> min(l, 8)
 N_CLASSES = len(CLASSES)
+NECK_CLASSES = ["background", "cervical", "thoracic"]  # the first pass: C1..C7 as one class
 VERTEBRA_COLUMNS = [
     "study_id",
     "split",
@@ -472,6 +473,11 @@ def neck_section(sc):
     return OmegaConf.create({**merged, "neck": None})
 
 
+def neck_classes(y: np.ndarray) -> np.ndarray:
+    """Model classes (``CLASSES``) to the first pass's ``NECK_CLASSES``."""
+    return np.select([y == 0, y <= len(VERTEBRAE)], [0, 1], 2).astype(y.dtype)
+
+
 def neck_margin_planes(sc) -> tuple[int, int] | None:
     """``segment.neck.margin_mm`` in fine-grid planes (None without a neck pass)."""
     if sc.get("neck") is None:
@@ -482,9 +488,8 @@ def neck_margin_planes(sc) -> tuple[int, int] | None:
 
 def neck_extent(probs: torch.Tensor, field: Field) -> tuple[float, float] | None:
     """(low, high) mm along the slice normal of the largest connected piece the first pass labels
-    C1..C7; None when it labels none."""
-    lab = probs.argmax(0).cpu().numpy()
-    comp, n = ndimage.label((lab >= 1) & (lab <= len(VERTEBRAE)))
+    cervical; None when it labels none."""
+    comp, n = ndimage.label(probs.argmax(0).cpu().numpy() == NECK_CLASSES.index("cervical"))
     if n == 0:
         return None
     largest = np.argmax(np.bincount(comp.ravel())[1:]) + 1
@@ -521,11 +526,12 @@ def true_extent(labels: np.ndarray, geo: StackGeometry) -> tuple[float, float] |
 # =============================================================================================
 
 
-def build_model(sc) -> UNet3D:
-    """The segmenter of ``segment``: HU windows in, C1..C7 + thoracic + background out."""
+def build_model(sc, n_classes: int = N_CLASSES) -> UNet3D:
+    """The segmenter of ``segment``: HU windows in, C1..C7 + thoracic + background out (the first
+    pass: ``NECK_CLASSES``)."""
     coord_mm = tuple(sc.voxel_mm[1:]) if sc.coords else None
     return UNet3D(
-        len(sc.windows), N_CLASSES, tuple(sc.widths), coord_mm=coord_mm, z_context=bool(sc.z_context)
+        len(sc.windows), n_classes, tuple(sc.widths), coord_mm=coord_mm, z_context=bool(sc.z_context)
     )
 
 
@@ -563,11 +569,12 @@ def dice_ce_loss(logits: torch.Tensor, y: torch.Tensor, background_weight: float
     """Cross entropy (background down-weighted: vertebrae are ~1 % of the voxels, and an unweighted
     loss first learns to call everything background) + (1 - soft Dice) averaged over the foreground
     classes present in the batch."""
-    weight = torch.ones(N_CLASSES, device=logits.device)
+    n_classes = logits.shape[1]
+    weight = torch.ones(n_classes, device=logits.device)
     weight[0] = background_weight
     ce = F.cross_entropy(logits.float(), y, weight=weight)
     p = logits.float().softmax(1)
-    onehot = F.one_hot(y, N_CLASSES).permute(0, 4, 1, 2, 3).float()
+    onehot = F.one_hot(y, n_classes).permute(0, 4, 1, 2, 3).float()
     dims = (0, 2, 3, 4)
     inter, denom = (p * onehot).sum(dims), p.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + 1) / (denom + 1)
@@ -951,11 +958,15 @@ def save_planes(path: Path, red: Reduced, field: Field) -> None:
 # =============================================================================================
 
 
-def segmenter_key(cfg, paths: Paths, items: list[StudyItem]) -> str:
-    """What a fold's model and predictions are made from: the segment config (less run-only keys), the
-    folds, the seed, the cache and the masks."""
+def segmenter_key(cfg, paths: Paths, items: list[StudyItem], fine_only: bool = False) -> str:
+    """What a fold's models and predictions are made from: the segment config (less run-only keys), the
+    folds, the seed, the cache and the masks. ``fine_only``: what the fine model alone is made from (of
+    ``segment.neck`` only its margin), so retuning the first pass keeps the fine models."""
+    section = OmegaConf.to_container(cfg.segment, resolve=True)
+    if fine_only and section.get("neck") is not None:
+        section["neck"] = {"margin_mm": section["neck"]["margin_mm"]}
     masks = sorted((it.study_id, it.mask.stat().st_size) for it in items if it.mask is not None)
-    return fold_key(cfg.segment, paths.folds.read_text(), cfg.seed, paths.cache_source.read_text(), masks)
+    return fold_key(section, paths.folds.read_text(), cfg.seed, paths.cache_source.read_text(), masks)
 
 
 def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, geos) -> None:
@@ -978,7 +989,8 @@ def train_fold(cfg, paths: Paths, items, fold_of: dict, fold: int, grids: dict, 
         volumes = [grids[it.study_id] for it in train]
         return train_segmenter(model, volumes, sc, cfg.seed + fold, ckpt, device, f"fold {fold}")
 
-    model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
+    fine_key = segmenter_key(cfg, paths, items, fine_only=True)
+    model, _ = fold_model(ckpt, fine_key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
     neck = train_neck_fold(cfg, paths, train, fold, geos, key, device)
     rows, slices = predict_studies(
         paths, held, [model], sc, "oof", geos, score=True, device=device, neck_models=neck
@@ -999,11 +1011,16 @@ def train_neck_fold(cfg, paths: Paths, train: list, fold: int, geos, key: str, d
     ckpt = paths.segmenter_checkpoint(fold, cfg.seed, part="neck")
 
     def fit_fold(model):
-        volumes = [(s["x"], s["y"]) for s in load_grids(paths, train, nsc, geos, targets=True)]
+        volumes = [(s["x"], neck_classes(s["y"])) for s in load_grids(paths, train, nsc, geos, targets=True)]
         return train_segmenter(model, volumes, nsc, cfg.seed + fold, ckpt, device, f"fold {fold} neck")
 
     model, _ = fold_model(
-        ckpt, fingerprint(key, "neck"), cfg.seed + fold, lambda: build_model(nsc), fit_fold, device
+        ckpt,
+        fingerprint(key, "neck"),
+        cfg.seed + fold,
+        lambda: build_model(nsc, len(NECK_CLASSES)),
+        fit_fold,
+        device,
     )
     return [model]
 
@@ -1046,7 +1063,8 @@ def load_models(cfg, paths: Paths, folds: list[int], device, part: str = "") -> 
         "02_localize",
         f"segmenter {part}".strip(),
     )
-    return [load_weights(build_model(sc), ckpt, device) for ckpt in ckpts]
+    n_classes = len(NECK_CLASSES) if part == "neck" else N_CLASSES
+    return [load_weights(build_model(sc, n_classes), ckpt, device) for ckpt in ckpts]
 
 
 def run_segment(cfg) -> dict:
