@@ -1,0 +1,1 @@
+"""SPIDER: public lumbar MRI segmentation data (.mha images and masks): generator, measurements, model."""
