@@ -28,17 +28,24 @@ endef
 demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 	$(call chain,configs/lumbar/demo.yaml)
 	$(call chain,configs/cervical/demo.yaml)
-	$(PY) src/demo_summary.py --config configs/lumbar/demo.yaml --config configs/cervical/demo.yaml
+	$(call chain,configs/spider/demo.yaml)
+	$(call chain,configs/scoliosis/demo.yaml)
+	$(PY) src/demo_summary.py --config configs/lumbar/demo.yaml --config configs/cervical/demo.yaml \
+		--config configs/spider/demo.yaml --config configs/scoliosis/demo.yaml
 	@echo
 	@echo "Demo done. Data: input/<slug>/ (truth: input/<slug>_truth/). Cache: cache/<task>/. Per task:"
-	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv, cervical vertebrae.csv; overlays/*.png),"
-	@echo "crops/<task>/, models/<task>/, oof/<task>/{demo,ensemble_demo}/,"
-	@echo "submissions/<task>_demo.csv (+ .report.json). Larger data and longer training: make demo-full."
+	@echo "folds/<task>.csv, localize/<task>/ (lumbar points.csv, cervical vertebrae.csv, spider masks/,"
+	@echo "scoliosis landmarks.csv; overlays/*.png), crops/<task>/, models/<task>/, oof/<task>/,"
+	@echo "submissions/<task>_demo.csv (+ .report.json); spider's test masks and overlays: predict/spider/demo/."
+	@echo "Larger data and longer training: make demo-full."
 
 demo-full: $(STAMP)  # the same chain with more studies, folds and epochs (about 45 minutes on 2 CPU cores)
 	$(call chain,configs/lumbar/demo_full.yaml)
 	$(call chain,configs/cervical/demo_full.yaml)
-	$(PY) src/demo_summary.py --config configs/lumbar/demo_full.yaml --config configs/cervical/demo_full.yaml
+	$(call chain,configs/spider/demo_full.yaml)
+	$(call chain,configs/scoliosis/demo_full.yaml)
+	$(PY) src/demo_summary.py --config configs/lumbar/demo_full.yaml --config configs/cervical/demo_full.yaml \
+		--config configs/spider/demo_full.yaml --config configs/scoliosis/demo_full.yaml
 	@echo
 	@echo "Full demo done: data in input/demo_full/, every output under output/demo_full/."
 

@@ -1,9 +1,15 @@
-"""Score a submission against a solution with a competition's official metric.
+"""Score a submission against a solution with a task's official metric.
 
 python src/score.py --task lumbar SOLUTION.csv SUBMISSION.csv
 
 Lumbar solution: row_id, normal_mild, moderate, severe (one-hot), optional sample_weight.
 Cervical solution: row_id, fractured (0/1). Solution rows without a label are not scored.
+Both weighted log loss: lower is better.
+Scoliosis: both files filename,pt,mt,tl (the generator's truth: <data_dir>_truth/test_angles.csv);
+SMAPE % over the three angles (lower is better), per-angle SMAPE and mean absolute error in degrees.
+Spider: SOLUTION = <data_dir>_truth/measurements.csv (test masks in masks/ beside it), SUBMISSION =
+submissions/spider_<exp>.csv (predicted masks found in predict/spider/<exp>/masks/); Dice (higher is
+better), measurement errors, grade accuracy and herniation average precision, each beside a baseline.
 """
 
 import argparse
@@ -27,7 +33,7 @@ def main(argv=None) -> dict:
         scores = task.runner("score")(args.solution, args.submission)
     else:
         scores = task.score(pd.read_csv(args.solution), pd.read_csv(args.submission))
-    print_summary(f"{args.task} score (lower is better)", {k: round(v, 6) for k, v in scores.items()})
+    print_summary(f"{args.task} score", {k: round(v, 6) for k, v in scores.items()})
     return scores
 
 

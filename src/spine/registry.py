@@ -13,6 +13,8 @@ from spine.core.task import Task
 TASKS: dict[str, str] = {
     "lumbar": "spine.lumbar.task:LumbarTask",
     "cervical": "spine.cervical.task:CervicalTask",
+    "scoliosis": "spine.scoliosis.task:ScoliosisTask",
+    "spider": "spine.spider.task:SpiderTask",
 }
 
 

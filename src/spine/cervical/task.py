@@ -36,7 +36,7 @@ class CervicalTask(RowTask):
     def stack_groups(self) -> list[str]:
         return ["vertebra", "patient_overall"]
 
-    def stack_features(self, rows, probs, manifest) -> pd.DataFrame:
+    def stack_features(self, rows, probs, manifest, cfg=None) -> pd.DataFrame:
         """Per member, the study's vertebra probabilities seen from each row: the study's maximum and
         any-fracture probability (1 - prod(1 - p)), and the vertebrae just above and below (fractures
         come in contiguous blocks); plus the vertebra's position and whether stage 02 found it."""

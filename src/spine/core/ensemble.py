@@ -364,7 +364,9 @@ def candidates(members: list[str], ec) -> dict:
     return out
 
 
-def features(task, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame | None) -> pd.DataFrame:
+def features(
+    task, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame | None, cfg=None
+) -> pd.DataFrame:
     """Stacker inputs: every member's log probabilities, the row's target key and group (categorical)
     and the task's row features (localization confidence, missing views, ...)."""
     n, m, k = probs.shape
@@ -372,7 +374,7 @@ def features(task, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame
     out = pd.DataFrame(logp, columns=[f"m{i}_logp{c}" for i in range(m) for c in range(k)])
     out["key"] = pd.Categorical(rows["key"].to_numpy(), categories=sorted(task.prior_keys()))
     out["group"] = pd.Categorical(rows["group"].to_numpy(), categories=sorted(task.stack_groups()))
-    extra = task.stack_features(rows[["row_id"]].reset_index(drop=True), probs, manifest)
+    extra = task.stack_features(rows[["row_id"]].reset_index(drop=True), probs, manifest, cfg)
     return pd.concat([out, extra.reset_index(drop=True)], axis=1)
 
 
@@ -465,7 +467,7 @@ def run_ensemble(cfg, members: list) -> dict:
             "train every fold in stage 04 (folds.n_folds >= 3)"
         )
     k = n_classes(task)
-    feats = features(task, rows, probs, _manifest(paths))
+    feats = features(task, rows, probs, _manifest(paths), cfg)
     cands = candidates(names, cfg.ensemble)
     log.info("stage 05: %d rows of %d studies, members %s", len(rows), rows["study_id"].nunique(), names)
     scores, preds = {}, {}
@@ -558,9 +560,11 @@ def load_spec(paths: Paths) -> dict:
     return spec
 
 
-def apply_spec(spec: dict, task, row_ids, probs: np.ndarray, manifest: pd.DataFrame | None) -> np.ndarray:
+def apply_spec(
+    spec: dict, task, row_ids, probs: np.ndarray, manifest: pd.DataFrame | None, cfg=None
+) -> np.ndarray:
     """The spec's stacker on new rows: (n, K) probabilities from the members' (n, M, K)."""
     rows = row_table(task, row_ids)
-    feats = features(task, rows, probs, manifest)
+    feats = features(task, rows, probs, manifest, cfg)
     stacker = STACKERS[spec["stacker"]].from_params(spec["params"])
     return stacker.predict(rows, probs, feats)

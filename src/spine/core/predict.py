@@ -172,7 +172,7 @@ def run_predict(cfg: DictConfig, members: list[DictConfig]) -> dict:
     manifest = pd.read_parquet(work_paths.crop_manifest) if work_paths.crop_manifest.exists() else None
     if ok.any():
         ok_ids = [r for r, good in zip(row_ids, ok) if good]
-        q[ok] = _timed(steps, "05 stack", ensemble.apply_spec, spec, task, ok_ids, probs[ok], manifest)
+        q[ok] = _timed(steps, "05 stack", ensemble.apply_spec, spec, task, ok_ids, probs[ok], manifest, work)
     sub = finish(task, q, sample)
     save_table(paths.submission, sub)
     seconds = time.perf_counter() - t0

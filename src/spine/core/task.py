@@ -104,11 +104,13 @@ class RowTask(Task, ABC):
     def stack_groups(self) -> list[str]: ...
 
     def stack_features(
-        self, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame | None
+        self, rows: pd.DataFrame, probs: np.ndarray, manifest: pd.DataFrame | None, cfg=None
     ) -> pd.DataFrame:
         """Numeric row features for stackers (NaN where unknown), one row per row of ``rows``.
 
-        ``probs`` are the members' (n, M, K) probabilities of these rows; ``manifest`` the crop manifest.
+        ``probs`` are the members' (n, M, K) probabilities of these rows; ``manifest`` the crop manifest;
+        ``cfg`` the run's config (stage 05) or stage 06's work config (whose out_dir holds the test
+        split's stage-02 outputs).
         """
         return pd.DataFrame(index=rows.index)
 

@@ -17,6 +17,13 @@ by up to ``axial.jitter_mm`` (the sagittal model's error), with the labelled rec
 and predicts at the fold's own canal points: OOF for the held-out studies, and for every test study
 (the fold mean, taken on the stack most folds chose). Its report puts the recess error beside the fixed
 lateral offset stage 03 falls back to (``crop.recess_offset_mm``), on the same rows.
+
+``localize.method`` segmentation / both (``spine.lumbar.levels_from_masks``): a spider run's segmenter
+(``localize.segmenter``, reached through the registry) segments every sagittal stack; ``segmentation``
+places each level's point at its disc's anchor on the masks plus the labels' out-of-fold median offset,
+``both`` keeps the keypoint positions under the masks' level names. The keypoint model still runs (its
+points fill what the masks miss), and the report puts every method's OOF error side by side; the spider
+measurements of every study go to ``localize/lumbar/measurements.csv``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from spine.core.paths import Paths, require
 from spine.core.stacks import stack_geometries
 from spine.core.train.loop import TrainSettings, autocast, fit, load_weights, reseed, resolve_device
 from spine.core.train.stage import fold_model
+from spine.lumbar import levels_from_masks as masks
 from spine.lumbar.crops import Plane, nearest_plane, robust_scale, stack_refs
 from spine.lumbar.models.heatmap import SliceHeatmapNet, decode_peaks, heatmap_loss, patch_heatmap_loss
 from spine.lumbar.points import POINT_COLUMNS, label_points
@@ -257,11 +265,15 @@ def predict_items(model, paths: Paths, items: list[StackItem], size: int, device
     return out
 
 
+MASK_KEYS = ("method", "segmenter")  # how stage 02 uses a spider segmenter (levels_from_masks)
+
+
 def sagittal_section(lc) -> dict:
-    """The sagittal model's settings: ``localize`` less its ``axial`` part (which it does not read, so
-    changing the recess model never retrains the sagittal one)."""
+    """The sagittal model's settings: ``localize`` less its ``axial`` part and the mask keys (which it
+    does not read, so changing the recess model or the method never retrains the sagittal one)."""
     section = OmegaConf.to_container(lc, resolve=True)
-    section.pop("axial", None)
+    for k in ("axial", *MASK_KEYS):
+        section.pop(k, None)
     return section
 
 
@@ -741,10 +753,14 @@ def run_localize(cfg) -> dict:
     if axial_enabled(cfg):
         rows.append(run_recesses(cfg, paths, labels, fold_of, folds))
     points = fold_mean_points(paths, pd.concat(rows, ignore_index=True))
+    methods = None
+    if localize_method(cfg) != "keypoints":
+        points, methods = mask_method(cfg, paths, items, labels, points, fold_of, folds)
     save_table(paths.points, points)
     oof = points[points["source"] == "oof"]
     sagittal_oof = oof[~oof["condition"].isin(RECESS_CONDITIONS)]
     report = {
+        "method": localize_method(cfg),
         "model": error_report(sagittal_oof, labels),
         "baseline_mean_position": error_report(baseline_points(paths, items, fold_of, folds), labels),
         "studies": {
@@ -759,9 +775,67 @@ def run_localize(cfg) -> dict:
         canal = sagittal_oof[sagittal_oof["condition"] == SPINAL]
         offset = float(cfg.crop.recess_offset_mm)
         report["recess"] = recess_report(recess, canal, labels, offset, _truth_points(paths))
+    if methods is not None:
+        report["methods"] = methods
     save_text(paths.localize_report, json.dumps(report, indent=2))
     save_config(cfg, paths.localize_dir)
     return {**report, "summary": _summary(report)}
+
+
+def localize_method(cfg) -> str:
+    """``localize.method``: keypoints (the heatmap model alone), segmentation or both (module
+    ``levels_from_masks``)."""
+    method = str(cfg.localize.get("method", "keypoints"))
+    if method not in masks.METHODS:
+        raise ValueError(f"localize.method must be one of {masks.METHODS}, got {method!r}")
+    if method != "keypoints" and not cfg.localize.get("segmenter"):
+        raise ValueError(f"localize.method={method} needs localize.segmenter (a spider run's out_dir)")
+    return method
+
+
+def sagittal_conditions() -> list[str]:
+    """The conditions the sagittal model localizes (canal, left and right foramen)."""
+    return [c for conds in LOCALIZER_TARGETS.values() for c in conds]
+
+
+def mask_method(cfg, paths: Paths, items: list[StackItem], labels, points, fold_of: dict, folds: list[int]):
+    """Stage 02 with a spider segmenter: segment every sagittal stack, put each condition's OOF point at
+    its disc anchor + offset, and combine with the keypoint ``points`` by ``localize.method``. Returns
+    (the method's points, the report of every method side by side on the same OOF rows)."""
+    anchors, _, seg_report = masks.segment_stacks(cfg, paths, items, paths.localize_dir)
+    geos = stack_geometries(pd.read_parquet(paths.instance_table))
+    stacks = {(it.study_id, it.description): (it.series_id, it.stack) for it in items}
+    cond = masks.condition_anchors(anchors, sagittal_conditions())
+    mask_pts, offsets = masks.oof_mask_points(cond, labels, fold_of, folds, stacks, geos)
+    save_table(masks.offsets_path(paths), offsets)
+    report = {"segmenter": seg_report, "error_mm": {}}
+    chosen = points
+    for method in masks.METHODS:
+        pts, info = (
+            (points, {})
+            if method == "keypoints"
+            else masks.combine(method, points, mask_pts, RECESS_CONDITIONS)
+        )
+        pts = pts[POINT_COLUMNS].sort_values(["study_id", "condition", "level"], kind="stable")
+        sag = pts[(pts["source"] == "oof") & ~pts["condition"].isin(RECESS_CONDITIONS)]
+        report["error_mm"][method] = {**error_report(sag, labels), **info}
+        if method == localize_method(cfg):
+            chosen = pts.reset_index(drop=True)
+    return chosen, report
+
+
+def predict_test_masks(cfg, paths: Paths, items: list[StackItem], points: pd.DataFrame) -> pd.DataFrame:
+    """Stage 06 with ``localize.method`` segmentation / both: the test stacks segmented, each point at its
+    disc anchor + the offsets stage 02 fitted on every train study, combined with the keypoint points."""
+    anchors, _, _ = masks.segment_stacks(cfg, paths, items, paths.localize_dir)
+    geos = stack_geometries(pd.read_parquet(paths.instance_table))
+    stacks = {(it.study_id, it.description): (it.series_id, it.stack) for it in items}
+    offsets = pd.read_csv(require(masks.offsets_path(paths), "02_localize"))
+    cond = masks.condition_anchors(anchors, sagittal_conditions())
+    mask_pts = masks.mask_points(cond, offsets, stacks, geos)
+    mask_pts = mask_pts.assign(source="test_mean", fold=-1) if len(mask_pts) else mask_pts
+    out, _ = masks.combine(localize_method(cfg), points, mask_pts, RECESS_CONDITIONS)
+    return out[POINT_COLUMNS].reset_index(drop=True)
 
 
 def _summary(report: dict) -> dict:
@@ -771,6 +845,11 @@ def _summary(report: dict) -> dict:
         out.update({f"{name} {k}": v for k, v in r["all"].items()})
         out[f"{name} level_assignment"] = r["level_assignment_accuracy"]
     out.update({f"model median_mm {lv}": v["median_mm"] for lv, v in report["model"]["per_level"].items()})
+    for method, r in report.get("methods", {}).get("error_mm", {}).items():
+        a = r["all"]
+        out[f"method {method} median/p90 mm, level acc"] = (
+            f"{a.get('median_mm')}/{a.get('p90_mm')}, {r['level_assignment_accuracy']} (n {a['n']})"
+        )
     for ref in ("labels", "truth"):
         for name, r in report.get("recess", {}).get(f"vs_{ref}", {}).items():
             out[f"recess {name} vs {ref} median/p90 mm"] = (
@@ -814,5 +893,7 @@ def predict_test(cfg) -> dict:
             axial_model = load_weights(build_model(ac, len(RECESS_CONDITIONS)), recess[fold], device)
             rows.append(recess_rows(axial_model, paths, refs, rows[-1], ac, device, fold))
     points = fold_mean_points(paths, pd.concat(rows, ignore_index=True))
+    if localize_method(cfg) != "keypoints":
+        points = predict_test_masks(cfg, paths, items, points)
     save_table(paths.points, points)
     return {"stacks": len(items), "studies": int(points["study_id"].nunique()), "folds": folds}

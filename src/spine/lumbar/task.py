@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from spine.core.task import RowTask, binary_log_loss, weighted_log_loss
+
+log = logging.getLogger(__name__)
 
 CONDITIONS = [
     "spinal_canal_stenosis",
@@ -43,6 +46,10 @@ LOCALIZER_TARGETS = {
 }
 
 
+# spider measurements of a row's level that stage 05 may read (ensemble.measurement_features)
+MEASUREMENT_FEATURES = ["height_index", "listhesis_mm", "herniation_probability"]
+
+
 def condition_group(condition: str) -> str:
     """'spinal', 'foraminal' or 'subarticular'."""
     for g in ("spinal", "foraminal", "subarticular"):
@@ -74,15 +81,45 @@ class LumbarTask(RowTask):
     def stack_groups(self) -> list[str]:
         return ["spinal", "foraminal", "subarticular"]
 
-    def stack_features(self, rows, probs, manifest) -> pd.DataFrame:
+    def stack_features(self, rows, probs, manifest, cfg=None) -> pd.DataFrame:
         """Side (+1 left, -1 right, 0 centre), missing views, stage-02 confidence, distance to the
-        chosen axial plane; from the crop manifest."""
+        chosen axial plane; from the crop manifest. With ``ensemble.measurement_features`` (``cfg``),
+        also the spider measurements of the row's level (``measurement_features``)."""
         cols = ["sag_missing", "ax_missing", "point_confidence", "ax_plane_mm"]
         m = manifest.drop_duplicates("row_id").set_index("row_id") if manifest is not None else pd.DataFrame()
         m = m.reindex(index=rows["row_id"], columns=cols)
         cond = [self.parse_row_id(r)["condition"] for r in rows["row_id"]]
         side = [1.0 if c.startswith("left") else -1.0 if c.startswith("right") else 0.0 for c in cond]
-        return pd.DataFrame({"side": side, **{c: m[c].astype(float).to_numpy() for c in cols}})
+        out = pd.DataFrame({"side": side, **{c: m[c].astype(float).to_numpy() for c in cols}})
+        if cfg is not None and cfg.ensemble.get("measurement_features"):
+            from spine.core.paths import Paths
+            from spine.lumbar.levels_from_masks import measurements_path
+
+            path = measurements_path(Paths.from_config(cfg).localize_dir)
+            out = pd.concat([out, self.measurement_features(rows["row_id"], path)], axis=1)
+        return out
+
+    def measurement_features(self, row_ids, path: Path) -> pd.DataFrame:
+        """The spider measurements (stage 02's ``measurements.csv``, localize.method segmentation / both)
+        of each row's level: ``MEASUREMENT_FEATURES``; NaN where the study or level has none, and for
+        every row (logged) when the file does not exist."""
+        parts = [self.parse_row_id(r) for r in row_ids]
+        keys = pd.DataFrame(
+            {
+                "study_id": [p["study_id"] for p in parts],
+                "structure": [LEVEL_NAMES[p["level"]] for p in parts],
+            }
+        )
+        if not Path(path).exists():
+            log.warning("%s is missing: measurement features are NaN", path)
+            table = pd.DataFrame(columns=["study_id", "structure", *MEASUREMENT_FEATURES])
+        else:
+            m = pd.read_csv(path)
+            m = m[m["measurement"].isin(MEASUREMENT_FEATURES)]
+            table = m.pivot_table(index=["study_id", "structure"], columns="measurement", values="value")
+            table = table.reset_index()
+        out = keys.merge(table, on=["study_id", "structure"], how="left")
+        return out.reindex(columns=MEASUREMENT_FEATURES).astype(float).rename(columns=lambda c: f"spider_{c}")
 
     def row_ids(self, study_ids) -> list[str]:
         """Rows of each study in sample_submission order (targets sorted by name)."""

@@ -29,6 +29,10 @@ class SpiderTask(Task):
         "overlays": "spine.spider.viz:write_overlays",
         "score": "spine.spider.scores:score",
         "summary_rows": "spine.spider.scores:summary_rows",
+        # what another task (lumbar's localize.method) uses through the registry: a trained run's models
+        "load_segmenter": "spine.spider.api:load_segmenter",
+        "segment_sagittal": "spine.spider.api:segment_sagittal",
+        "measure": "spine.spider.api:measure_labels",
     }
 
     def fold_strata(self, data_dir: Path) -> pd.DataFrame:
