@@ -13,23 +13,25 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-# Stages 00-06 of one pipeline config (the overlays script says so when a task has none).
+# Stages 00-06 of one pipeline config (the overlays script says so when a task has none); $(2): an
+# environment prefix (the small spider and scoliosis models run fastest single-threaded on 2 cores).
 define chain
-	$(PY) src/00_make_demo_data.py --config $(1)
-	$(PY) src/01_preprocess.py --config $(1)
-	$(PY) src/02_localize.py --config $(1)
-	$(PY) src/03_crop.py --config $(1)
-	$(PY) src/plot_overlays.py --config $(1) --n 3
-	$(PY) src/04_train.py --config $(1)
-	$(PY) src/05_ensemble.py --config $(1)
-	$(PY) src/06_predict.py --config $(1)
+	$(2) $(PY) src/00_make_demo_data.py --config $(1)
+	$(2) $(PY) src/01_preprocess.py --config $(1)
+	$(2) $(PY) src/02_localize.py --config $(1)
+	$(2) $(PY) src/03_crop.py --config $(1)
+	$(2) $(PY) src/plot_overlays.py --config $(1) --n 3
+	$(2) $(PY) src/04_train.py --config $(1)
+	$(2) $(PY) src/05_ensemble.py --config $(1)
+	$(2) $(PY) src/06_predict.py --config $(1)
 endef
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 	$(call chain,configs/lumbar/demo.yaml)
 	$(call chain,configs/cervical/demo.yaml)
-	$(call chain,configs/spider/demo.yaml)
-	$(call chain,configs/scoliosis/demo.yaml)
+	$(call chain,configs/spider/demo.yaml,$(ONE_THREAD))
+	$(call chain,configs/scoliosis/demo.yaml,$(ONE_THREAD))
 	$(PY) src/demo_summary.py --config configs/lumbar/demo.yaml --config configs/cervical/demo.yaml \
 		--config configs/spider/demo.yaml --config configs/scoliosis/demo.yaml
 	@echo
@@ -42,8 +44,8 @@ demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 demo-full: $(STAMP)  # the same chain with more studies, folds and epochs (about 45 minutes on 2 CPU cores)
 	$(call chain,configs/lumbar/demo_full.yaml)
 	$(call chain,configs/cervical/demo_full.yaml)
-	$(call chain,configs/spider/demo_full.yaml)
-	$(call chain,configs/scoliosis/demo_full.yaml)
+	$(call chain,configs/spider/demo_full.yaml,$(ONE_THREAD))
+	$(call chain,configs/scoliosis/demo_full.yaml,$(ONE_THREAD))
 	$(PY) src/demo_summary.py --config configs/lumbar/demo_full.yaml --config configs/cervical/demo_full.yaml \
 		--config configs/spider/demo_full.yaml --config configs/scoliosis/demo_full.yaml
 	@echo

@@ -373,13 +373,27 @@ def measure_level(disc: np.ndarray, spacing, upper: Quad, lower: Quad | None, he
         lo, hi, _ = vals[len(vals) // 2]
         if np.isfinite(lo):
             lines.append((f"disc_{name}_height", o + p * n_d + lo * u_d, o + p * n_d + hi * u_d))
-    e = (lp - la) / np.linalg.norm(lp - la)
-    slip = float((lp - up) @ e)
-    pct = 100.0 * slip / float(np.linalg.norm(lp - la))
     protrusion = _protrusion(sampler, up, lp, o)
     lines.append(("posterior_corner_line", lp, up))
     mids = [upper.heights[1]] + ([lower.heights[1]] if np.isfinite(lower.heights[1]) else [])
     out = dict(
+        **level_values(heights, mids, ua, la, up, lp),
+        herniation_mm=protrusion,
+        herniation_probability=herniation_probability(protrusion, hernia_mid_mm, hernia_scale_mm),
+    )
+    return out, (lower if from_disc else None), lines
+
+
+def level_values(heights, mids, ua, la, up, lp) -> dict:
+    """A disc level's values from its three disc heights (anterior, middle, posterior), the middle
+    heights of its vertebrae and the corners facing it (upper / lower vertebra, anterior / posterior):
+    disc height index, intervertebral distances, listhesis (the upper posterior corner's offset along
+    the lower endplate, mm and % of it) and the Meyerding grade. Shared by the measurement of masks and
+    the generator's truth (the same definitions on drawn corners)."""
+    e = (lp - la) / np.linalg.norm(lp - la)
+    slip = float((lp - up) @ e)
+    pct = 100.0 * slip / float(np.linalg.norm(lp - la))
+    return dict(
         anterior_height=heights[0],
         middle_height=heights[1],
         posterior_height=heights[2],
@@ -389,10 +403,7 @@ def measure_level(disc: np.ndarray, spacing, upper: Quad, lower: Quad | None, he
         listhesis_mm=slip,
         listhesis_percent=pct,
         meyerding_grade=float(meyerding(pct)),
-        herniation_mm=protrusion,
-        herniation_probability=herniation_probability(protrusion, hernia_mid_mm, hernia_scale_mm),
     )
-    return out, (lower if from_disc else None), lines
 
 
 def _protrusion(sampler: _Sampler, up: np.ndarray, lp: np.ndarray, centre: np.ndarray) -> float:

@@ -37,7 +37,7 @@ from spine.core.paths import truth_dir
 from spine.core.synth import common, phantom
 from spine.spider import labels as lab
 from spine.spider.io import write_mha
-from spine.spider.measure import STUDY, UNITS, curve_stats, genant, meyerding
+from spine.spider.measure import STUDY, UNITS, curve_stats, genant, level_values
 
 log = logging.getLogger(__name__)
 
@@ -625,20 +625,9 @@ def level_truth(disc: Disc) -> dict:
     p_p = 0.5 * float((up - o) @ n_d + (lp - o) @ n_d)
     depth = p_p - p_a
     heights = [_disc_ray_length(disc, o + (p_a + f * depth) * n_d, u_d) for f in (0.1, 0.5, 0.9)]
-    e = (lp - la) / np.linalg.norm(lp - la)
-    slip = float((lp - up) @ e)
-    pct = 100.0 * slip / float(np.linalg.norm(lp - la))
     mids = [disc.upper.height(0.0)] + ([disc.lower.height(0.0)] if disc.lower.labelled else [])
     return dict(
-        anterior_height=heights[0],
-        middle_height=heights[1],
-        posterior_height=heights[2],
-        height_index=float(np.mean(heights) / np.mean(mids)),
-        anterior_distance=float(np.linalg.norm(ua - la)),
-        posterior_distance=float(np.linalg.norm(up - lp)),
-        listhesis_mm=slip,
-        listhesis_percent=pct,
-        meyerding_grade=float(meyerding(pct)),
+        **level_values(heights, mids, ua, la, up, lp),
         herniation_mm=float(disc.hernia_mm),
         herniation_probability=float(disc.hernia_mm > 0),  # the truth of a probability is the event
     )
