@@ -52,7 +52,7 @@ def main(argv=None) -> list:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     print("\n== demo scores (each task's metric; baseline: the train prior or mean; best: the generator's")
     print("   Bayes optimum where it has one. lumbar, cervical: weighted log loss; scoliosis: SMAPE %,")
-    print("   landmark error % of height: lower is better. spider: each row says which way is better) ==")
+    print("   landmark error % of height, spider errors: lower is better; spider Dice and AP: higher) ==")
     print(f"  {'task':<10}{'':<30}{'model':>9}{'baseline':>9}{'best':>9}")
     for task, what, s, p, b in rows:
         print(f"  {task:<10}{what:<30}{fmt(s):>9}{fmt(p):>9}{fmt(b):>9}")
