@@ -16,6 +16,7 @@ from spine.lumbar import levels_from_masks as masks
 from spine.lumbar.localize import predict_test, run_localize
 from spine.lumbar.points import POINT_COLUMNS
 from spine.lumbar.task import LEVELS, LOCALIZER_TARGETS, LumbarTask
+from tiny import SPIDER_TINY
 
 
 def _geometry(n, row_dir, col_dir, step):
@@ -146,14 +147,6 @@ def test_measurement_features_read_the_rows_level_and_are_nan_where_absent(tmp_p
 
 
 # --- a tiny run against a tiny trained spider model --------------------------------------------------
-SPIDER_TINY = [
-    "folds.n_folds=2",
-    "preprocess.grid_mm=4.0",
-    "segment.crop_px=64",
-    "segment.epochs=1",
-    "segment.batch=8",
-    "segment.mirror=false",
-]
 LUMBAR_TINY = [
     "num_workers=1",
     "folds.n_folds=2",

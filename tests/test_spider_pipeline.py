@@ -13,15 +13,11 @@ import SimpleITK as sitk
 from spine.core.synth import generate
 from spine.spider import io
 from spine.spider.submit import SUBMISSION_COLUMNS
+from tiny import SPIDER_TINY
 
 STAGES = ("01_preprocess", "02_localize", "03_crop", "04_train", "05_ensemble", "06_predict")
 TINY = [
-    "folds.n_folds=2",
-    "preprocess.grid_mm=4.0",
-    "segment.crop_px=64",
-    "segment.epochs=1",
-    "segment.batch=8",
-    "segment.mirror=false",
+    *SPIDER_TINY,
     "submit.overlays=2",
     "segment.measure_true_masks=true",
 ]

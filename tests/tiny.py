@@ -60,3 +60,12 @@ CERVICAL_TINY = [
     "ensemble.lgbm_rounds=20",
     "ensemble.members=[configs/cervical/demo.yaml,configs/cervical/demo_3d.yaml]",
 ]
+# The spider segmenter (stages 01-02) on tiny generated .mha images.
+SPIDER_TINY = [
+    "folds.n_folds=2",
+    "preprocess.grid_mm=4.0",
+    "segment.crop_px=64",
+    "segment.epochs=1",
+    "segment.batch=8",
+    "segment.mirror=false",
+]
