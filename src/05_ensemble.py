@@ -8,13 +8,20 @@ refitted on every OOF row) and oof/<task>/ensemble_<exp>/{oof.csv, report.json}.
 """
 
 from spine.core.cli import parse_member_args, stage_runner
-from spine.core.ensemble import run_ensemble
 from spine.core.report import print_summary, stage_summary
+
+
+def _core(cfg, members) -> dict:
+    """The core's stage for the row tasks, imported on use: a task with its own stage skips its imports
+    (scikit-learn, LightGBM: seconds per process on 2 cores)."""
+    from spine.core.ensemble import run_ensemble
+
+    return run_ensemble(cfg, members)
 
 
 def main(argv=None) -> dict:
     cfg, members = parse_member_args(__doc__, argv)
-    run = stage_runner(cfg.task, "ensemble", "05_ensemble", core=lambda cfg: run_ensemble(cfg, members))
+    run = stage_runner(cfg.task, "ensemble", "05_ensemble", core=lambda cfg: _core(cfg, members))
     if run is None:
         return {}
     report = run(cfg)
