@@ -134,3 +134,19 @@ def test_deterministic_and_transitional_l6(tmp_path, monkeypatch):
     assert {"L6", "L6/S1", "L5/L6"} <= set(m["structure"])
     mask, _ = _read(next((tmp_path / "c" / "masks").iterdir()))
     assert set(range(1, 7)) <= set(np.unique(mask).tolist())
+
+
+def test_the_sacrum_is_one_unlabelled_bone_under_the_lowest_disc():
+    rng = np.random.default_rng(3)
+    for pid in range(6):
+        p = synth.sample_patient(rng, pid)
+        s1 = p.bodies[-1]
+        assert not s1.labelled and [b.name for b in p.sacral] == ["S2", "S3", "S4"]
+        assert all(not b.labelled for b in p.sacral)
+        for upper, lower in zip([s1, *p.sacral], p.sacral):
+            # each segment lies under the one above and is fused to it: its top rim's middle is inside the
+            # upper segment, so no disc-like gap opens between them
+            assert lower.centre @ synth._unit(upper.tilt) < upper.centre @ synth._unit(upper.tilt)
+            top_mid = lower.point(lower.rim_height(0.0) / 2, 0.0)
+            assert upper.inside(np.array(top_mid[0]), np.array(top_mid[1]), 0.0, 1e-3) == 1.0
+            assert lower.depth < upper.depth

@@ -12,7 +12,10 @@ chain built from the sacrum up, so the shapes the measurements look for are know
   wedge makes the lordosis (from flat to marked); narrowed discs are thin; a herniation is a bump of
   known height beyond the line joining the two bodies' posterior corners;
 - a listhesis shifts the body above (and all above it) forward along the lower endplate (Meyerding I-III);
-- now and then a transitional sixth lumbar vertebra (L6), which shifts the SPIDER numbering.
+- now and then a transitional sixth lumbar vertebra (L6), which shifts the SPIDER numbering;
+- under L5/S1 the sacrum, unlabelled as in SPIDER: S1 to S4 fused into one tapering mass that curves
+  back (no full disc under S1, so the lowest disc is told from the bone below it as on real scans), in a
+  third of patients with a thin rudimentary S1/S2 disc.
 
 Masks hold the vertebral BODIES (posterior elements are not labelled), the discs and the canal (the dural
 sac), with the SPIDER label ids (``spine.spider.labels``); bodies cut by the field of view get 100 + id.
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +63,12 @@ DISC_MM.update(zip(("T11", "T12", "L1", "L2", "L3", "L4", "L5"), phantom.BASE_DI
 # Lordotic wedge of the disc below each vertebra (degrees), scaled per patient from flat to marked.
 DISC_ANGLE_DEG = {"L5": 12.0, "L4": 9.0, "L3": 6.0, "L2": 4.0, "L1": 2.0, "T12": 0.0, "T11": -2.0}
 LORDOSIS_SCALE = (0.3, 1.7)  # L1-S1 lordosis from ~10 to ~60 degrees
-SACRUM_MM = 32.0  # height of the (unlabelled) S1 block drawn under the last disc
+SACRUM_MM = 32.0  # height of the (unlabelled) S1 segment drawn under the last disc
+# The sacrum below S1 (unlabelled, as in SPIDER): S2..S4 fused, tapering and curving back (kyphotic), so
+# no full disc shows under L5/S1; now and then a thin rudimentary S1/S2 disc, as real MRI shows in many.
+SACRAL_SEGMENTS = (("S2", 0.85, 0.80), ("S3", 0.70, 0.65), ("S4", 0.55, 0.50))  # name, height, depth x S1
+SACRAL_KYPHOSIS_DEG = (6.0, 14.0)  # tilt change per segment, drawn
+P_SACRAL_REMNANT = 0.35
 MIN_DISC_MM = 2.0  # thinnest disc edge allowed (a lordotic wedge is limited by it)
 P_L6 = 0.08  # a transitional sixth lumbar vertebra
 
@@ -259,12 +267,14 @@ class Patient:
 
     pid: int
     n_lumbar: int
-    bodies: list[Body]  # top to bottom; the last is the sacrum (unlabelled)
+    bodies: list[Body]  # top to bottom; the last is the sacrum's S1 (unlabelled)
     discs: list[Disc]  # discs[i] lies under bodies[i]
     spine: phantom.Spine
     drawn: pd.DataFrame  # structure, deformity, genant_grade, meyerding_grade, herniation, narrowing
     sex: str = "F"
     age: int = 50
+    sacral: list[Body] = field(default_factory=list)  # S2.. below S1, fused (drawn, never labelled)
+    sacral_remnant: float = 0.0  # thickness (mm) of a rudimentary S1/S2 disc; 0 = none
 
     def body(self, name: str) -> Body:
         """The body named ``name`` ("L3", "S1")."""
@@ -363,7 +373,8 @@ def sample_patient(rng: np.random.Generator, pid: int) -> Patient:
             )
         lower = body
     bodies, discs = bodies[::-1], discs[::-1]  # top to bottom
-    _place(bodies, rng)
+    sacral = _sacral_segments(sacrum, rng)
+    _place(bodies + sacral, rng)
     spine = _phantom_spine(rng, bodies, discs, depth, half_width)
     table = pd.DataFrame(drawn)
     table["transitional_l6"] = int(n_lumbar == 6)
@@ -376,7 +387,28 @@ def sample_patient(rng: np.random.Generator, pid: int) -> Patient:
         table,
         sex=str(rng.choice(["F", "M"])),
         age=int(rng.integers(20, 85)),
+        sacral=sacral,
+        sacral_remnant=float(rng.uniform(1.0, 2.0)) if rng.random() < P_SACRAL_REMNANT else 0.0,
     )
+
+
+def _sacral_segments(s1: Body, rng) -> list[Body]:
+    """S2.. under S1: each tilted back from the one above (the sacrum's kyphosis), smaller, and overlapping
+    it by enough that no gap opens at either wall: one fused, tapering mass."""
+    out, upper = [], s1
+    for name, h_share, d_share in SACRAL_SEGMENTS:
+        tilt = upper.tilt - np.deg2rad(rng.uniform(*SACRAL_KYPHOSIS_DEG))
+        h = SACRUM_MM * h_share * rng.uniform(0.9, 1.1)
+        depth = s1.depth * d_share
+        overlap = 1.0 + depth / 2 * abs(np.tan(tilt - upper.tilt))
+        top = upper.centre - (upper.rim_height(0.0) / 2 - overlap) * _unit(upper.tilt)
+        # the segments' posterior walls line up (the sacral canal runs behind them)
+        top = top + (upper.depth - depth) / 2 * _post(upper.tilt)
+        seg = Body(name, np.zeros(2), tilt, depth, h, h, half_width=upper.half_width * 0.95, labelled=False)
+        seg.centre = top - h / 2 * _unit(tilt)
+        out.append(seg)
+        upper = seg
+    return out
 
 
 def _place(bodies: list[Body], rng) -> None:
@@ -569,17 +601,44 @@ def render_volume(patient: Patient, plan: ImagePlan) -> tuple[np.ndarray, np.nda
         phantom.paint(sub, nucleus, signal)
         if d.upper.labelled:
             mask[:, win][disc >= 0.5] = ids[f"disc:{d.upper.name}"]
-    for body in patient.bodies:
+    for body in patient.bodies[:-1]:
+        _paint_bodies(img, [body], plan, y, z, xl, edge, v)
         win = _row_window(plan, body.corners(), 5.0)
-        if win.stop <= win.start:
-            continue
-        zz = z[:, win]
-        outer = body.inside(y, zz, xl, edge)
-        sub = img[:, win]
-        phantom.paint(sub, outer, v["cortex"])
-        phantom.paint(sub, body.inside(y, zz, xl, edge, inset=1.2), v["marrow"])
-        mask[:, win][outer >= 0.5] = ids.get(body.name, lab.BACKGROUND)
+        if win.stop > win.start:
+            mask[:, win][body.inside(y, z[:, win], xl, edge) >= 0.5] = ids[body.name]
+    sacrum = [patient.bodies[-1], *patient.sacral]  # unlabelled, as in SPIDER
+    _paint_bodies(img, sacrum, plan, y, z, xl, edge, v)
+    for body in sacrum:
+        win = _row_window(plan, body.corners(), 5.0)
+        if win.stop > win.start:
+            mask[:, win][body.inside(y, z[:, win], xl, edge) >= 0.5] = lab.BACKGROUND
+    if patient.sacral_remnant > 0 and patient.sacral:
+        s1, s2 = sacrum[:2]
+        _paint_remnant(img, s1, s2, patient.sacral_remnant, plan, y, z, xl, edge, v)
     return img, mask
+
+
+def _paint_bodies(img, bodies: list[Body], plan: ImagePlan, y, z, xl, edge: float, v: dict) -> None:
+    """Cortex then marrow of ``bodies`` as one bone: all cortices first, so that the marrow of fused
+    segments (the sacrum's) runs through their junctions."""
+    wins = [_row_window(plan, b.corners(), 5.0) for b in bodies]
+    for inset, value in ((0.0, v["cortex"]), (1.2, v["marrow"])):
+        for body, win in zip(bodies, wins):
+            if win.stop > win.start:
+                phantom.paint(img[:, win], body.inside(y, z[:, win], xl, edge, inset=inset), value)
+
+
+def _paint_remnant(img, s1: Body, s2: Body, mm: float, plan, y, z, xl, edge: float, v: dict) -> None:
+    """A rudimentary S1/S2 disc: a thin band of disc signal across the middle of the junction."""
+    win = _row_window(plan, s1.corners(), 5.0)
+    if win.stop <= win.start:
+        return
+    s, p = s2.local(y, z[:, win])
+    across = mm / 2 - np.abs(s - s2.rim_height(0.0) / 2 + 1.0)  # 1 mm below S2's top: in the overlap
+    band = _soft(np.minimum(across, 0.3 * s2.depth - np.abs(p)), edge) * _soft(
+        0.7 * s2.half_width - np.abs(xl), edge
+    )
+    phantom.paint(img[:, win], band, 0.5 * (v["annulus"] + v["nucleus"]))
 
 
 def acquire(clean: np.ndarray, rng) -> np.ndarray:
