@@ -191,6 +191,33 @@ def test_decode_inverts_the_targets_and_unflip_swaps_left_and_right():
     assert decode(back, stride=2)[0] == pytest.approx(pts, abs=1e-4)
 
 
+def test_decode_passes_over_a_second_maximum_on_one_vertebra():
+    shape = (256, 96)
+    pts = model_spine(shape)
+    maps = maps_from_targets(targets(pts, shape, stride=2, sigma=1.0), shape)
+    # a second peak two cells below T5's (its offsets point at T5's centre), stronger than a weak L5
+    heat = maps["heat"].clone()
+    cx, cy = np.floor(pts[4].mean(axis=0) / 2).astype(int)
+    heat[0, 0, cy + 2, cx] = 5.0
+    maps["offset"][0, :, cy + 2, cx] = maps["offset"][0, :, cy, cx] - torch.tensor([0.0, 2.0])
+    maps["corners"][0, :, cy + 2, cx] = maps["corners"][0, :, cy, cx]
+    lx, ly = np.floor(pts[16].mean(axis=0) / 2).astype(int)
+    heat[0, 0, ly, lx] = 3.0
+    maps["heat"] = heat
+    assert decode(maps, stride=2, min_gap=0.5)[0] == pytest.approx(pts, abs=1e-4)
+    wrong = decode(maps, stride=2, min_gap=0.0)[0]  # no gap: T5 twice, one vertebra lost
+    assert np.abs(wrong - pts).max() > 5
+
+
+def test_s_test_smoothing_keeps_a_jittered_straight_spine_straight_and_an_s_spine_s():
+    straight = spine_from_tilts(np.zeros(17))
+    jitter = np.tile([0.0, 0.3, -0.3], 6)[:17, None, None] * [1.0, 0.0]  # 0.3 px left / right
+    assert cobb_angles(straight + jitter, 1000).s_curve  # the literal test: S
+    assert not cobb_angles(straight + jitter, 1000, s_smooth=3).s_curve
+    s_spine = spine_from_tilts(ramp({0: -10.0, 4: 15.0, 11: -20.0, 16: 5.0}))
+    assert cobb_angles(s_spine, 1000).s_curve and cobb_angles(s_spine, 1000, s_smooth=3).s_curve
+
+
 def test_offsets_taught_around_the_centre_point_back_to_it():
     shape = (256, 96)
     pts = model_spine(shape)

@@ -74,6 +74,15 @@ def angle_matrix(vectors: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip(np.round(cos, 8), -1.0, 1.0)))
 
 
+def smooth_lateral(mid: np.ndarray, window: int) -> np.ndarray:
+    """Endplate midpoints with x replaced by its moving average over ``window`` points (ends repeated)."""
+    m = np.array(mid, dtype=np.float64)
+    if window > 1:
+        r = window // 2
+        m[:, 0] = np.convolve(np.pad(m[:, 0], r, mode="edge"), np.ones(window) / window, mode="valid")
+    return m
+
+
 def is_s_curve(mid: np.ndarray, tol: float = S_TOLERANCE) -> bool:
     """The challenge's S test on the endplate midpoints (34, 2).
 
@@ -91,10 +100,14 @@ def is_s_curve(mid: np.ndarray, tol: float = S_TOLERANCE) -> bool:
     return bool(abs(ll.sum() ** 2 - np.abs(ll).sum() ** 2) > tol)
 
 
-def cobb_angles(points: np.ndarray, image_height: float) -> Cobb:
+def cobb_angles(points: np.ndarray, image_height: float, s_smooth: int = 1) -> Cobb:
     """PT, MT and TL/L of one spine from its (17, 4, 2) corners in pixels (see the module docstring).
 
     ``image_height`` (pixels) decides whether an S spine's main curve lies in the upper or lower half.
+    ``s_smooth`` > 1: the S test reads the endplate midpoints' lateral positions averaged over that many
+    neighbours (1 = the challenge's literal test, as the labels were made). For predicted landmarks: on a
+    near-straight spine a pixel of jitter between neighbours flips the literal test, and with it which
+    column each angle goes to (quick-demo OOF SMAPE 20.1 % literal, 17.8 % with 3).
     """
     vec = vertebra_vectors(points)
     mid = endplate_midpoints(points)
@@ -103,7 +116,7 @@ def cobb_angles(points: np.ndarray, image_height: float) -> Cobb:
     upper = int(np.argmax(a.max(axis=0)))  # first column holding the maximum: the smaller index
     lower = int(np.argmax(a[:, upper]))
     main = float(a[upper, lower])
-    if not is_s_curve(mid):
+    if not is_s_curve(smooth_lateral(mid, s_smooth)):
         return Cobb(
             pt=float(a[0, upper]),
             mt=main,

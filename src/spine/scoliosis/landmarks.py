@@ -162,7 +162,9 @@ def predict(model, images: np.ndarray, tc, device) -> np.ndarray:
             if tc.tta_flip:
                 mirrored = unflip({k: v.float() for k, v in model(x.flip(-1)).items()})
                 maps = {k: (maps[k] + mirrored[k]) / 2 for k in maps}
-        out.append(decode(maps, tc.stride, window=tc.peak_window, radius=tc.decode_radius))
+        out.append(
+            decode(maps, tc.stride, window=tc.peak_window, radius=tc.decode_radius, min_gap=tc.peak_min_gap)
+        )
     return np.concatenate(out) if out else np.zeros((0, 17, 4, 2))
 
 
@@ -234,9 +236,10 @@ def model_size(cfg) -> tuple[int, int]:
 # =============================================================================================
 
 
-def angles_of(points_px: np.ndarray, heights) -> np.ndarray:
-    """(n, 3) PT, MT, TL/L of each spine (corners in pixels) with the challenge's routine."""
-    return np.array([cobb_angles(p, h).angles() for p, h in zip(points_px, heights)]).reshape(-1, 3)
+def angles_of(points_px: np.ndarray, heights, s_smooth: int = 1) -> np.ndarray:
+    """(n, 3) PT, MT, TL/L of each spine (corners in pixels) with the challenge's routine (``s_smooth``:
+    ``cobb_angles``; predictions use the config's ``cobb.s_test_smooth``)."""
+    return np.array([cobb_angles(p, h, s_smooth).angles() for p, h in zip(points_px, heights)]).reshape(-1, 3)
 
 
 def landmark_errors(pred_px: np.ndarray, true_px: np.ndarray, heights) -> dict:
@@ -252,13 +255,15 @@ def landmark_errors(pred_px: np.ndarray, true_px: np.ndarray, heights) -> dict:
     }
 
 
-def oof_report(items: pd.DataFrame, oof: pd.DataFrame, fold_of: dict) -> tuple[dict, pd.DataFrame]:
+def oof_report(
+    items: pd.DataFrame, oof: pd.DataFrame, fold_of: dict, s_smooth: int = 1
+) -> tuple[dict, pd.DataFrame]:
     """Scores of the OOF landmarks and angles beside out-of-fold baselines; the OOF table with angles."""
     rows = items.set_index("filename").loc[oof["filename"]]
     heights, widths = rows["height"].to_numpy(float), rows["width"].to_numpy(float)
     pred = landmarks_from_flat(oof[landmark_columns()].to_numpy())
     true = np.stack(rows["points"].to_list()) * np.stack([widths, heights], 1)[:, None, None, :]
-    pred_angles = angles_of(pred, heights)
+    pred_angles = angles_of(pred, heights, s_smooth)
     gt = rows[ANGLES].to_numpy(float)
     # Baselines out of fold: each image gets the mean of the other folds' angles / normalized shapes.
     folds = oof["filename"].map(fold_of).to_numpy()
@@ -314,7 +319,7 @@ def run_landmarks(cfg) -> dict:
     oof = pd.concat(
         [pd.read_csv(fold_predictions(paths, f), dtype={"filename": str}) for f in done], ignore_index=True
     )
-    report, table = oof_report(items, oof, fold_of)
+    report, table = oof_report(items, oof, fold_of, cfg.cobb.s_test_smooth)
     report["seconds"] = round(time.perf_counter() - start, 1)
     save_table(oof_landmarks(paths), table)
     save_text(paths.localize_report, json.dumps(report, indent=2))

@@ -150,32 +150,65 @@ def unflip(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def decode(
-    out: dict[str, torch.Tensor], stride: int, k: int = N_VERTEBRAE, window: int = 3, radius: int = 0
+    out: dict[str, torch.Tensor],
+    stride: int,
+    k: int = N_VERTEBRAE,
+    window: int = 3,
+    radius: int = 0,
+    min_gap: float = 0.5,
+    candidates: int = 40,
 ) -> np.ndarray:
-    """(B, 17, 4, 2) corners in model pixels: the ``k`` strongest local maxima of the centre heatmap
-    (maxima of a ``window`` x ``window`` cell neighbourhood: one per vertebra when the window is smaller
-    than the closest two centres), sorted top to bottom. Each cell up to ``radius`` around a peak (where
-    the offsets were taught, ``targets``) gives its own estimate of the centre and corners; they are
-    averaged with the heatmap as weights, a free ensemble of neighbouring cells."""
+    """(B, 17, 4, 2) corners in model pixels from the model's maps.
+
+    Candidates are the ``candidates`` strongest local maxima of the centre heatmap (maxima of a
+    ``window`` x ``window`` cell neighbourhood). Each cell up to ``radius`` around a peak (where the
+    offsets were taught, ``targets``) gives its own estimate of the centre and corners; they are averaged
+    with the heatmap as weights, a free ensemble of neighbouring cells. Strongest first, a candidate whose
+    centre lies within ``min_gap`` x the height of a vertebra already taken is a second maximum on that
+    vertebra and is passed over (a fixed window cannot tell: vertebrae are 2.5-6 cells apart from T1 to
+    L5); the first ``k`` distinct ones (topped up with the passed-over ones if too few) are sorted top
+    to bottom.
+    """
     heat = torch.sigmoid(out["heat"].float())
     peaks = heat * (F.max_pool2d(heat, window, stride=1, padding=window // 2) == heat)
     b, _, h, w = heat.shape
-    index = peaks.reshape(b, -1).topk(k, dim=1).indices  # (B, k)
-    peak = torch.stack([index % w, index // w], dim=-1)  # (B, k, 2) as x, y
-    total = torch.zeros(b, k, 5, 2)  # centre + 4 corners, weighted sums
-    weight = torch.zeros(b, k, 1, 1)
+    index = peaks.reshape(b, -1).topk(min(max(candidates, k), h * w), dim=1).indices  # strongest first
+    cell = torch.stack([index % w, index // w], dim=-1)  # (B, n, 2) as x, y
+    total = torch.zeros(*index.shape, 5, 2)  # centre + 4 corners, weighted sums
+    weight = torch.zeros(*index.shape, 1, 1)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            cell = peak + torch.tensor([dx, dy])
-            inside = ((cell >= 0) & (cell < torch.tensor([w, h]))).all(-1)
-            cell = torch.minimum(cell.clamp(min=0), torch.tensor([w - 1, h - 1]))
-            idx = cell[..., 1] * w + cell[..., 0]
-            centre = cell.float() + gather(out["offset"].float(), idx)
-            corners = centre[:, :, None, :] + gather(out["corners"].float(), idx).reshape(b, k, 4, 2)
+            near = cell + torch.tensor([dx, dy])
+            inside = ((near >= 0) & (near < torch.tensor([w, h]))).all(-1)
+            near = torch.minimum(near.clamp(min=0), torch.tensor([w - 1, h - 1]))
+            idx = near[..., 1] * w + near[..., 0]
+            centre = near.float() + gather(out["offset"].float(), idx)
+            corners = centre[..., None, :] + gather(out["corners"].float(), idx).reshape(*idx.shape, 4, 2)
             wgt = (gather(heat, idx)[..., 0] * inside)[..., None, None]
-            total += wgt * torch.cat([centre[:, :, None, :], corners], dim=2)
+            total += wgt * torch.cat([centre[..., None, :], corners], dim=-2)
             weight += wgt
-    mean = total / weight.clamp(min=1e-12)
-    order = mean[:, :, 0, 1].argsort(dim=1)
-    corners = mean[:, :, 1:] * stride
-    return torch.stack([corners[i, order[i]] for i in range(b)]).cpu().numpy()
+    mean = (total / weight.clamp(min=1e-12)).numpy()
+    result = []
+    for found in mean:
+        chosen = found[distinct(found, k, min_gap)]
+        result.append(chosen[np.argsort(chosen[:, 0, 1]), 1:] * stride)
+    return np.stack(result)
+
+
+def distinct(found: np.ndarray, k: int, min_gap: float) -> np.ndarray:
+    """Indices of ``k`` candidates (rows of (n, 5, 2): centre and corners, strongest first) on distinct
+    vertebrae: each kept candidate's centre is at least ``min_gap`` x its height away from every stronger
+    kept one; when fewer than ``k`` are that far apart, the strongest passed-over ones fill up."""
+    corners = found[:, 1:]
+    heights = (
+        np.linalg.norm(corners[:, 2] - corners[:, 0], axis=-1)
+        + np.linalg.norm(corners[:, 3] - corners[:, 1], axis=-1)
+    ) / 2
+    kept: list[int] = []
+    for i, centre in enumerate(found[:, 0]):
+        if len(kept) == k:
+            break
+        if all(np.linalg.norm(centre - found[j, 0]) >= min_gap * heights[j] for j in kept):
+            kept.append(i)
+    kept += [i for i in range(len(found)) if i not in kept][: k - len(kept)]
+    return np.array(kept)

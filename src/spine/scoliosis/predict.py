@@ -102,7 +102,7 @@ def run_predict(cfg) -> dict:
     points[ok] = [to_image(p, size, h, w) for p, h, w in zip(model_px, rows["height"], rows["width"])]
     baseline = read_angles(paths.data_dir).mean(axis=0)  # the fallback of an unreadable image
     angles = np.tile(baseline, (len(table), 1))
-    angles[ok] = angles_of(points[ok], rows["height"].to_numpy(float))
+    angles[ok] = angles_of(points[ok], rows["height"].to_numpy(float), cfg.cobb.s_test_smooth)
     submission = pd.DataFrame(
         {"filename": table["filename"], **{a: angles[:, k] for k, a in enumerate(ANGLES)}}
     )

@@ -36,9 +36,11 @@ COLOURS = {"pt": (255, 160, 0), "mt": (255, 0, 255), "tl": (0, 200, 255)}  # BGR
 DISPLAY_HEIGHT = 900  # pixels of a written overlay
 
 
-def draw(img: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, label: np.ndarray | None) -> np.ndarray:
+def draw(
+    img: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, label: np.ndarray | None, s_smooth: int = 1
+) -> np.ndarray:
     """The overlay (BGR) of one radiograph: ``pred`` / ``truth`` corners (17, 4, 2) in its pixels,
-    ``label`` its labelled PT, MT, TL/L (or None)."""
+    ``label`` its labelled PT, MT, TL/L (or None); ``s_smooth``: as ``cobb_angles``."""
     scale = DISPLAY_HEIGHT / img.shape[0]
     out = cv2.cvtColor(
         cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR
@@ -53,7 +55,7 @@ def draw(img: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, label: np.
         cv2.line(out, pt(a), pt(b), (0, 230, 230), 1, cv2.LINE_AA)
     for p in pred.reshape(-1, 2):
         cv2.circle(out, pt(p), 2, (0, 0, 255), -1, cv2.LINE_AA)
-    cobb = cobb_angles(pred / scale, img.shape[0])
+    cobb = cobb_angles(pred / scale, img.shape[0], s_smooth)
     for k, name in enumerate(ANGLES):
         for v in cobb.ends[name]:
             d = (right[v] - left[v]) / max(np.linalg.norm(right[v] - left[v]), 1e-6)
@@ -100,6 +102,6 @@ def write_overlays(cfg, n: int = 3, out=None) -> list[Path]:
         truth = None if truth_norm is None else truth_norm * [img.shape[1], img.shape[0]]
         path = folder / f"{split}_{Path(row.filename).stem.replace(' ', '_')}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), draw(img, pred, truth, label))
+        cv2.imwrite(str(path), draw(img, pred, truth, label, cfg.cobb.s_test_smooth))
         written.append(path)
     return written
