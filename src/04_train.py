@@ -9,18 +9,19 @@ oof/<task>/<exp>/{fold{k}.csv, oof.csv, report.json}.
 
 from spine.core.cli import parse_member_args, stage_runner
 from spine.core.report import print_summary, stage_summary
-from spine.core.train import dist
 
 
 def main(argv=None) -> dict:
     """Returns {experiment: report}."""
     _, members = parse_member_args(__doc__, argv)
+    runs = [(cfg, stage_runner(cfg.task, "train", "04_train")) for cfg in members]
+    if not all(run for _, run in runs):
+        return {}  # nothing to train for this task: exit before torch is imported
+    from spine.core.train import dist
+
     reports = {}
     try:
-        for cfg in members:
-            run = stage_runner(cfg.task, "train", "04_train")
-            if run is None:
-                break
+        for cfg, run in runs:
             reports[cfg.exp] = report = run(cfg)
             if dist.is_main():
                 title = f"stage 04 {cfg.exp}"
