@@ -25,15 +25,9 @@ from omegaconf import OmegaConf
 from spine.core.paths import Paths
 from spine.core.train.loop import resolve_device
 from spine.spider import io
+from spine.spider.measure import measure_table
 from spine.spider.preprocess import normalize
-from spine.spider.segment import (
-    channel_offsets,
-    instance_labels,
-    load_models,
-    measure_table,
-    predict_probs,
-    probs_to_native,
-)
+from spine.spider.segment import channel_offsets, instance_labels, load_models, predict_probs, probs_to_native
 
 
 @dataclass

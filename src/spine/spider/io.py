@@ -179,3 +179,8 @@ def resample_to(array: np.ndarray, grid: sitk.Image, target: sitk.Image, labels:
     interp = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
     out = sitk.Resample(src, target, sitk.Transform(), interp, 0.0, src.GetPixelID())
     return sitk.GetArrayFromImage(out)
+
+
+def masks_dir(folder: Path) -> Path:
+    """Predicted masks (.mha, the input file's geometry) under a stage's folder."""
+    return Path(folder) / "masks"

@@ -24,6 +24,7 @@ superior endplate is the lower face of disc 201 (L5/S1).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,8 @@ import pandas as pd
 from scipy import ndimage
 
 from spine.spider import labels as lab
+
+log = logging.getLogger(__name__)
 
 STUDY = "spine"  # the structure name of the per-study rows
 UNITS = {
@@ -576,3 +579,32 @@ def _regrade(values: dict, n_lumbar: int) -> None:
     for (s, m), v in list(values.items()):
         if m == "listhesis_percent" and np.isfinite(v):
             values[(s, "meyerding_grade")] = float(meyerding(v))
+
+
+# --- with a config (stages 02, 06 and the overlays) ---------------------------------------------
+def measure_kwargs(cfg) -> dict:
+    """The config's ``measure`` section as keyword arguments of ``measure``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.measure, resolve=True) if cfg.get("measure") else {}
+
+
+def measure_image(labels: np.ndarray, spacing, cfg):
+    """spider_data's measurements of one label array (canonical layout): its ``Measurement`` (table of
+    structure, measurement, value, unit; the points and lines used), or (None, why) when it fails, so
+    one mask the measurements cannot read never loses the other images."""
+    try:
+        return measure(labels, spacing, **measure_kwargs(cfg)), ""
+    except Exception as e:  # any failure is logged, counted and named in the report
+        log.warning("measuring failed: %s: %s", type(e).__name__, e)
+        return None, f"measurement failed: {type(e).__name__}: {e}"
+
+
+def measure_table(labels: np.ndarray, spacing, cfg) -> pd.DataFrame:
+    """``measure_image``'s table (empty when measuring failed)."""
+    meas, _ = measure_image(labels, spacing, cfg)
+    return (
+        meas.table
+        if meas is not None
+        else pd.DataFrame(columns=["structure", "measurement", "value", "unit"])
+    )

@@ -57,6 +57,7 @@ from spine.core.train.loop import TrainSettings, fit, load_weights, resolve_devi
 from spine.core.train.stage import fold_model, torch_threads
 from spine.spider import io, scores
 from spine.spider.labels import CANAL, DISC_OFFSET, MAX_COUNT, PARTIAL_OFFSET
+from spine.spider.measure import measure_kwargs, measure_table
 from spine.spider.preprocess import CLASSES, cached, load_table
 
 log = logging.getLogger(__name__)
@@ -347,11 +348,6 @@ def segment_image(
     return img, labels, info
 
 
-def masks_dir(folder: Path) -> Path:
-    """Predicted masks (.mha, the input file's geometry) under a stage's folder."""
-    return Path(folder) / "masks"
-
-
 def oof_measurements_path(paths: Paths, fold: int | None = None, truth_masks: bool = False) -> Path:
     """OOF measurements of one fold (or all): from the predicted masks, or from the true masks."""
     name = "measure_true" if truth_masks else "measure"
@@ -368,36 +364,6 @@ def load_models(cfg, paths: Paths, folds: list[int], device) -> list:
         lambda f: paths.segmenter_checkpoint(f, cfg.seed), folds, "02_localize", "segmenter"
     )
     return [load_weights(build_model(cfg.segment), c, device) for c in ckpts]
-
-
-def measure_image(labels: np.ndarray, spacing, cfg):
-    """spider_data's measurements of one label array (canonical layout): its ``Measurement`` (table of
-    structure, measurement, value, unit; the points and lines used), or (None, why) when it fails, so
-    one mask the measurements cannot read never loses the other images."""
-    from spine.spider.measure import measure
-
-    try:
-        return measure(labels, spacing, **measure_kwargs(cfg)), ""
-    except Exception as e:  # any failure is logged, counted and named in the report
-        log.warning("measuring failed: %s: %s", type(e).__name__, e)
-        return None, f"measurement failed: {type(e).__name__}: {e}"
-
-
-def measure_table(labels: np.ndarray, spacing, cfg) -> pd.DataFrame:
-    """``measure_image``'s table (empty when measuring failed)."""
-    meas, _ = measure_image(labels, spacing, cfg)
-    return (
-        meas.table
-        if meas is not None
-        else pd.DataFrame(columns=["structure", "measurement", "value", "unit"])
-    )
-
-
-def measure_kwargs(cfg) -> dict:
-    """The config's ``measure`` section as keyword arguments of ``measure``."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg.measure, resolve=True) if cfg.get("measure") else {}
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -451,7 +417,7 @@ def run_fold(cfg, paths: Paths, table: pd.DataFrame, fold_of: dict, fold: int, d
             [model], row, paths.cache_dir, sc, float(cfg.preprocess.grid_mm), device
         )
         original = io.read_image(Path(row["image_path"]))
-        io.write_like(labels, img, original, masks_dir(paths.localize_dir) / f"{row['image']}.mha")
+        io.write_like(labels, img, original, io.masks_dir(paths.localize_dir) / f"{row['image']}.mha")
         truth = io.read_canonical(Path(row["mask_path"])).array
         dice_rows += [{**r, "fold": fold} for r in scores.dice_rows(row["image"], labels, truth)]
         dice_rows.append({"image": row["image"], "fold": fold, "label": "sequence", "info": json.dumps(info)})

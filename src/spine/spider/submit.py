@@ -33,8 +33,9 @@ from spine.core.paths import Paths
 from spine.core.train.loop import resolve_device
 from spine.core.train.stage import torch_threads
 from spine.spider import io, scores
+from spine.spider.measure import measure_image
 from spine.spider.preprocess import run_cache
-from spine.spider.segment import load_models, masks_dir, measure_image, oof_measurements_path, segment_image
+from spine.spider.segment import load_models, oof_measurements_path, segment_image
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _run_submit(cfg) -> dict:
                 models, row, work / "cache", cfg.segment, float(cfg.preprocess.grid_mm), device
             )
             original = io.read_image(Path(row["image_path"]))
-            io.write_like(labels, img, original, masks_dir(work) / f"{row['image']}.mha")
+            io.write_like(labels, img, original, io.masks_dir(work) / f"{row['image']}.mha")
         except Exception as e:  # one image that cannot be segmented must not lose the others' rows
             log.warning("segmenting %s failed: %s: %s", row["image"], type(e).__name__, e)
             failed[row["image"]] = f"segmentation failed: {type(e).__name__}: {e}"

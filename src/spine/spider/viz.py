@@ -136,15 +136,15 @@ def overlay_png(img: io.Canonical, labels: np.ndarray, meas, path: Path, title: 
 def write_overlays(cfg, n: int = 3, out=None) -> list[Path]:
     """Overlays of stage 02's OOF predicted masks of the first ``n`` train images (to ``out``, default
     ``<localize_dir>/overlays``)."""
+    from spine.spider.measure import measure_image
     from spine.spider.preprocess import load_table
-    from spine.spider.segment import masks_dir, measure_image
 
     paths = Paths.from_config(cfg)
     out = Path(out) if out else paths.localize_dir / "overlays"
     table = load_table(paths.cache_dir)
     written = []
     for row in table[(table["split"] == "train") & (table["status"] == "ok")].to_dict("records"):
-        pred = masks_dir(paths.localize_dir) / f"{row['image']}.mha"
+        pred = io.masks_dir(paths.localize_dir) / f"{row['image']}.mha"
         if not pred.exists():
             continue
         img = io.read_canonical(Path(row["image_path"]))
@@ -154,5 +154,5 @@ def write_overlays(cfg, n: int = 3, out=None) -> list[Path]:
         if len(written) >= n:
             break
     if not written:
-        log.warning("no OOF predicted masks under %s: run stage 02 first", masks_dir(paths.localize_dir))
+        log.warning("no OOF predicted masks under %s: run stage 02 first", io.masks_dir(paths.localize_dir))
     return written
