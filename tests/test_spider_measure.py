@@ -128,6 +128,26 @@ def test_wedge_slip_and_lordosis():
     assert got[("spine", "lordosis_deg")] == pytest.approx(30.0, abs=1.0)
 
 
+def test_the_posterior_arch_in_a_vertebra_label_changes_nothing():
+    """SPIDER labels whole vertebrae: on a mid-sagittal slice the lamina and spinous process lie behind
+    the canal, apart from the body, and are set aside (the body is the piece nearest a disc)."""
+    bodies = [dict(tilt=t, h_ant=26.0, h_post=26.0) for t in (-5.0, -12.0, -18.0, -24.0, -30.0)]
+    bodies[2].update(h_ant=0.7 * 26.0)
+    img, corners = _spine(bodies, disc_mm=11.0)
+    whole = img.copy()
+    for label, name in enumerate(("L5", "L4", "L3", "L2", "L1"), start=1):
+        c = corners[name]  # superior-anterior, superior-posterior, inferior-posterior, inferior-anterior
+        n = (c[1] - c[0]) / np.linalg.norm(c[1] - c[0])  # posterior
+        u = (c[0] - c[3]) / np.linalg.norm(c[0] - c[3])  # superior
+        start = (c[1] + c[2]) / 2 + 15.0 * n  # 15 mm behind the posterior wall: the canal between
+        arch = np.array([start + 5 * u, start + 30 * n + 5 * u, start + 30 * n - 8 * u, start - 5 * u])
+        _fill(whole, arch, label)
+    assert (whole != img).sum() > 0.5 * (img == 3).sum()  # each arch about half a body's area, or more
+    assert _values(measure(whole, (PIXEL, PIXEL)).table) == pytest.approx(
+        _values(measure(img, (PIXEL, PIXEL)).table), nan_ok=True
+    )
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """3 patients (7 images) at 192 px (~1.5 mm pixels), with their true masks."""

@@ -449,6 +449,31 @@ def mid_sagittal(labels: np.ndarray) -> int:
     return int(np.argmax(body.reshape(len(labels), -1).sum(1)))
 
 
+def bodies_only(labels2d: np.ndarray, spacing2d) -> np.ndarray:
+    """The slice with each vertebra label reduced to its body. SPIDER's vertebra labels cover the
+    posterior arch too; near the midline the laminae and spinous process lie behind the canal, apart
+    from the body, and the body is the piece nearest a disc (bodies and discs alternate along the
+    column; without a disc, the largest piece). A body-only label passes unchanged."""
+    spacing2d = np.asarray(spacing2d, dtype=np.float64)
+    out = labels2d.copy()
+    discs = [np.argwhere(labels2d == d).mean(0) * spacing2d for d in np.unique(labels2d) if lab.is_disc(d)]
+    for v in np.unique(labels2d):
+        if not (lab.is_vertebra(v) or lab.is_partial(v)):
+            continue
+        pieces, n = ndimage.label(labels2d == v)
+        if n < 2:
+            continue
+        index = np.arange(1, n + 1)
+        if discs:
+            centres = np.array(ndimage.center_of_mass(np.ones_like(pieces), pieces, index)) * spacing2d
+            gap = np.min(np.linalg.norm(centres[:, None] - np.array(discs)[None], axis=-1), axis=1)
+            keep = index[np.argmin(gap)]
+        else:
+            keep = index[np.argmax(ndimage.sum_labels(np.ones_like(pieces), pieces, index))]
+        out[(pieces > 0) & (pieces != keep)] = lab.BACKGROUND
+    return out
+
+
 def _spine_directions(labels2d: np.ndarray, spacing2d) -> dict[int, np.ndarray]:
     """The spine's upward direction (row, column) at each vertebra label: from the centroid of the body
     below to the one above (one-sided at the ends); none for a lone body."""
@@ -469,6 +494,7 @@ def measure_slice(labels2d: np.ndarray, spacing2d, n_lumbar: int = 5, hernia_mid
                   hernia_scale_mm: float = 0.5) -> tuple[dict, dict, list, list]:  # fmt: skip
     """Measurements of one sagittal slice: ({(structure, measurement): value}, corners mm, lines mm,
     curve points mm)."""
+    labels2d = bodies_only(labels2d, spacing2d)
     names = lab.vertebra_names(n_lumbar)
     lumbar = [v for v in range(1, n_lumbar + 1)]  # labels of L{n}..L1 (bottom up)
     quads: dict[int, Quad] = {}

@@ -17,8 +17,10 @@ chain built from the sacrum up, so the shapes the measurements look for are know
   back (no full disc under S1, so the lowest disc is told from the bone below it as on real scans), in a
   third of patients with a thin rudimentary S1/S2 disc.
 
-Masks hold the vertebral BODIES (posterior elements are not labelled), the discs and the canal (the dural
-sac), with the SPIDER label ids (``spine.spider.labels``); bodies cut by the field of view get 100 + id.
+Masks hold the vertebrae, the discs and the canal (the dural sac), with the SPIDER label ids
+(``spine.spider.labels``); bodies cut by the field of view get 100 + id. As in SPIDER, a vertebra's label
+covers its posterior arch too (pedicles, laminae, spinous process) in most patients
+(``whole_vertebra_share``); the others' masks label the bodies only, as other datasets do.
 The truth folder holds the measurements computed from the drawn geometry (corner points, heights, slip,
 angles: never from the masks), the drawn grades and the test split's masks.
 """
@@ -52,6 +54,9 @@ DEFAULT_N_SLICES = (13, 19)
 SPACE_SLICE_RATIO = (1.8, 2.0)  # T2-SPACE: slice spacing / in-plane spacing (0.90 / 0.47 mm)
 SPACE_COVER_MM = 50.0  # T2-SPACE covers about this much left to right
 DEFAULT_SPACE_SHARE = 0.25  # share of patients with a T2-SPACE image
+# SPIDER's vertebra masks hold the whole vertebra (body, pedicles, laminae, spinous process); other data
+# label the bodies only: a share of patients drawn each way (the measurements isolate the body).
+DEFAULT_WHOLE_VERTEBRA_SHARE = 0.8
 
 # --- anatomy, bottom up (index 0: the level just above the sacrum) ---------------------------------
 # Thoracic extras above the phantom's nodes (T9/T10, T10/T11; bodies T9..T11), the rest from core's
@@ -564,8 +569,9 @@ def structure_labels(patient: Patient, plan: ImagePlan) -> dict[str, int]:
     return out
 
 
-def render_volume(patient: Patient, plan: ImagePlan) -> tuple[np.ndarray, np.ndarray]:
-    """Noise-free canonical image (float32) and its SPIDER label mask (uint8)."""
+def render_volume(patient: Patient, plan: ImagePlan, whole: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free canonical image (float32) and its SPIDER label mask (uint8); ``whole``: vertebra labels
+    cover the posterior arch too (as SPIDER's), else the bodies only."""
     n, rows, cols = plan.shape
     gap, sr, sc = plan.spacing
     spine = patient.spine
@@ -581,11 +587,17 @@ def render_volume(patient: Patient, plan: ImagePlan) -> tuple[np.ndarray, np.nda
     )
     mask = np.zeros(plan.shape, dtype=np.uint8)
     mask[phantom.ellipse(x, b - spine.canal_b, spine.canal_lr, spine.canal_ap, edge) >= 0.5] = lab.CANAL
+    ids = structure_labels(patient, plan)
+    if whole:  # the arch's bone takes the label of the body between the same two discs
+        _, bone, _ = phantom.posterior_elements(spine, phantom.locate(spine, t, b, x), edge)
+        arch = (bone >= 0.5) & (mask == 0)
+        below_discs = np.searchsorted(-spine.t_nodes[: len(patient.discs)], -t[arch])  # discs above it
+        lut = np.array([ids.get(body.name, lab.BACKGROUND) for body in patient.bodies], np.uint8)
+        mask[arch] = lut[below_discs]  # the last body is S1: unlabelled
     del t, b, x
     y = (plan.origin[1] + sc * np.arange(cols))[None, None, :]
     z = (plan.origin[2] - sr * np.arange(rows))[None, :, None]
     xl = (xs - spine.x0)[:, None, None]
-    ids = structure_labels(patient, plan)
     # a narrowed (degenerated) disc's nucleus is darker on T2
     narrowed = {lv.split("/")[0] for lv in patient.drawn.loc[patient.drawn["narrowing"] == 1, "structure"]}
     for d in patient.discs:
@@ -756,6 +768,7 @@ def generate(
     slice_mm=DEFAULT_SLICE_MM,
     n_slices=DEFAULT_N_SLICES,
     space_share: float = DEFAULT_SPACE_SHARE,
+    whole_vertebra_share: float = DEFAULT_WHOLE_VERTEBRA_SHARE,
 ) -> dict:
     """Write a synthetic SPIDER dataset of ``n_train`` + ``n_test`` patients to ``out``.
 
@@ -763,7 +776,8 @@ def generate(
     ``out/overview.csv`` (image, patient, modality, sex, age) and ``out/radiological_gradings.csv``
     (training patients, per disc). The truth folder ``{out}_truth/`` holds the test masks (``masks/``),
     ``measurements.csv`` (image, structure, measurement, value, unit: every image of both splits, from
-    the drawn geometry), ``grades.csv`` (what was drawn), ``images.csv`` (split, layout, size, spacing)
+    the drawn geometry), ``grades.csv`` (what was drawn), ``images.csv`` (split, layout, size, spacing,
+    whether the vertebra labels cover the posterior arch: ``whole_vertebra_share`` of the patients)
     and ``summary.json``. Deterministic for a seed.
     """
     out = common.prepare_out(Path(out))
@@ -790,7 +804,8 @@ def generate(
     measurements, grades, images = [], [], []
     for patient, plan in plans:
         split = split_of[patient.pid]
-        clean, mask = render_volume(patient, plan)
+        whole = bool(np.random.default_rng([seed, patient.pid, 11]).random() < whole_vertebra_share)
+        clean, mask = render_volume(patient, plan, whole)
         img = acquire(clean, np.random.default_rng([seed, patient.pid, 7, len(images)]))
         write_mha(to_image(img, plan.spacing, plan.origin, plan.layout), out / "images" / f"{plan.name}.mha")
         mask_dir = out / "masks" if split == "train" else truth / "masks"
@@ -811,6 +826,7 @@ def generate(
                 shape="x".join(map(str, plan.shape)),
                 spacing_mm="x".join(f"{v:.4f}" for v in plan.spacing),
                 n_lumbar=patient.n_lumbar,
+                whole_vertebrae=int(whole),
                 partial=",".join(str(v) for v in sorted(set(np.unique(mask).tolist())) if lab.is_partial(v)),
             )
         )

@@ -242,19 +242,26 @@ def paint_torso(img, sp: Spine, loc: Local, v: dict, edge: float) -> None:
     paint(img, ellipse(loc.x - 10.0, loc.b + sp.body_rb + 14.0, 9.0, 9.0, edge), v["vessel"])
 
 
-def paint_posterior(img, sp: Spine, loc: Local, v: dict, edge: float) -> None:
-    """Pedicles, laminae and spinous processes; ligaments between them at the disc levels."""
+def posterior_elements(sp: Spine, loc: Local, edge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft indicators of the posterior arch: (lateral column of pedicles and facets at every level, its
+    bone and that of the laminae and spinous processes away from the disc levels, the share of each
+    point away from a disc level). At a disc level ligaments fill the space, where the foramina open."""
     ax = np.abs(loc.x)
-    # Pedicles, laminae and spinous processes are bone away from the disc levels; at a disc level
-    # ligaments fill the space between them, where the foramina open.
     away = 1.0 - below(np.abs(loc.dt), loc.half + 3.0, edge)
     lateral = below(np.abs(ax - 19.0), 8.0, edge) * between(
         loc.bc, -sp.canal_ap - 3.0, sp.canal_ap + 5.0, edge
     )
     lamina = below(ax, 15.0, edge) * between(loc.bc, sp.canal_ap + 1.5, sp.canal_ap + 8.0, edge)
     spinous = below(ax, 3.5, edge) * between(loc.bc, sp.canal_ap + 1.5, sp.canal_ap + 48.0, edge)
+    return lateral, np.maximum(lateral, np.maximum(lamina, spinous)) * away, away
+
+
+def paint_posterior(img, sp: Spine, loc: Local, v: dict, edge: float) -> None:
+    """Pedicles, laminae and spinous processes; ligaments between them at the disc levels."""
+    ax = np.abs(loc.x)
+    lateral, bone, away = posterior_elements(sp, loc, edge)
     paint(img, lateral, v["ligament"])
-    paint(img, np.maximum(lateral, np.maximum(lamina, spinous)) * away, 0.9 * v["marrow"])
+    paint(img, bone, 0.9 * v["marrow"])
     flavum = below(ax, 12.0, edge) * between(loc.bc, sp.canal_ap + 0.5, sp.canal_ap + 3.5, edge)
     paint(img, flavum * (1.0 - away), v["ligament"])
 
