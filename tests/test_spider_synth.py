@@ -150,3 +150,17 @@ def test_the_sacrum_is_one_unlabelled_bone_under_the_lowest_disc():
             top_mid = lower.point(lower.rim_height(0.0) / 2, 0.0)
             assert upper.inside(np.array(top_mid[0]), np.array(top_mid[1]), 0.0, 1e-3) == 1.0
             assert lower.depth < upper.depth
+
+
+def test_whole_vertebra_labels_add_the_arch_behind_the_canal():
+    rng = np.random.default_rng(5)
+    patient = synth.sample_patient(rng, 0)
+    plan = synth.plan_image(rng, patient, "t2", 96, (270.0, 300.0), (3.5, 3.5), (7, 7))
+    _, whole = synth.render_volume(patient, plan, whole=True)
+    _, bodies = synth.render_volume(patient, plan, whole=False)
+    arch = whole != bodies
+    assert arch.sum() > 0 and (bodies[arch] == 0).all()  # the arch only adds labels
+    assert all(lab.is_vertebra(v) or lab.is_partial(v) for v in np.unique(whole[arch]))
+    mid = whole[len(whole) // 2]
+    canal_col = np.nonzero(mid == lab.CANAL)[1].mean()
+    assert np.nonzero(arch[len(whole) // 2])[1].mean() > canal_col  # columns run anterior to posterior

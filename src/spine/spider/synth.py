@@ -19,8 +19,8 @@ chain built from the sacrum up, so the shapes the measurements look for are know
 
 Masks hold the vertebrae, the discs and the canal (the dural sac), with the SPIDER label ids
 (``spine.spider.labels``); bodies cut by the field of view get 100 + id. As in SPIDER, a vertebra's label
-covers its posterior arch too (pedicles, laminae, spinous process) in most patients
-(``whole_vertebra_share``); the others' masks label the bodies only, as other datasets do.
+covers its posterior arch too (pedicles, laminae, spinous process); ``whole_vertebrae=False`` labels
+the bodies only, as other data sets do (one convention per data set, as in real data).
 The truth folder holds the measurements computed from the drawn geometry (corner points, heights, slip,
 angles: never from the masks), the drawn grades and the test split's masks.
 """
@@ -55,8 +55,8 @@ SPACE_SLICE_RATIO = (1.8, 2.0)  # T2-SPACE: slice spacing / in-plane spacing (0.
 SPACE_COVER_MM = 50.0  # T2-SPACE covers about this much left to right
 DEFAULT_SPACE_SHARE = 0.25  # share of patients with a T2-SPACE image
 # SPIDER's vertebra masks hold the whole vertebra (body, pedicles, laminae, spinous process); other data
-# label the bodies only: a share of patients drawn each way (the measurements isolate the body).
-DEFAULT_WHOLE_VERTEBRA_SHARE = 0.8
+# sets label the bodies only: one convention per data set (the measurements isolate the body).
+DEFAULT_WHOLE_VERTEBRAE = True
 
 # --- anatomy, bottom up (index 0: the level just above the sacrum) ---------------------------------
 # Thoracic extras above the phantom's nodes (T9/T10, T10/T11; bodies T9..T11), the rest from core's
@@ -768,7 +768,7 @@ def generate(
     slice_mm=DEFAULT_SLICE_MM,
     n_slices=DEFAULT_N_SLICES,
     space_share: float = DEFAULT_SPACE_SHARE,
-    whole_vertebra_share: float = DEFAULT_WHOLE_VERTEBRA_SHARE,
+    whole_vertebrae: bool = DEFAULT_WHOLE_VERTEBRAE,
 ) -> dict:
     """Write a synthetic SPIDER dataset of ``n_train`` + ``n_test`` patients to ``out``.
 
@@ -777,8 +777,8 @@ def generate(
     (training patients, per disc). The truth folder ``{out}_truth/`` holds the test masks (``masks/``),
     ``measurements.csv`` (image, structure, measurement, value, unit: every image of both splits, from
     the drawn geometry), ``grades.csv`` (what was drawn), ``images.csv`` (split, layout, size, spacing,
-    whether the vertebra labels cover the posterior arch: ``whole_vertebra_share`` of the patients)
-    and ``summary.json``. Deterministic for a seed.
+    whether the vertebra labels cover the posterior arch: ``whole_vertebrae``, as SPIDER's, or the
+    bodies only) and ``summary.json``. Deterministic for a seed.
     """
     out = common.prepare_out(Path(out))
     truth = truth_dir(out)
@@ -804,8 +804,7 @@ def generate(
     measurements, grades, images = [], [], []
     for patient, plan in plans:
         split = split_of[patient.pid]
-        whole = bool(np.random.default_rng([seed, patient.pid, 11]).random() < whole_vertebra_share)
-        clean, mask = render_volume(patient, plan, whole)
+        clean, mask = render_volume(patient, plan, bool(whole_vertebrae))
         img = acquire(clean, np.random.default_rng([seed, patient.pid, 7, len(images)]))
         write_mha(to_image(img, plan.spacing, plan.origin, plan.layout), out / "images" / f"{plan.name}.mha")
         mask_dir = out / "masks" if split == "train" else truth / "masks"
@@ -826,7 +825,7 @@ def generate(
                 shape="x".join(map(str, plan.shape)),
                 spacing_mm="x".join(f"{v:.4f}" for v in plan.spacing),
                 n_lumbar=patient.n_lumbar,
-                whole_vertebrae=int(whole),
+                whole_vertebrae=int(bool(whole_vertebrae)),
                 partial=",".join(str(v) for v in sorted(set(np.unique(mask).tolist())) if lab.is_partial(v)),
             )
         )
