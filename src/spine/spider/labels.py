@@ -8,6 +8,8 @@ numbered from the bottom (L5/S1 = 201). The sacrum's top is the lower face of di
 
 from __future__ import annotations
 
+import numpy as np
+
 BACKGROUND = 0
 CANAL = 100
 PARTIAL_OFFSET = 100  # a partially visible vertebra v is labelled v + 100
@@ -84,3 +86,14 @@ def structure_name(label: int, n_lumbar: int = 5) -> str:
     if is_disc(label):
         return disc_name(label, n_lumbar)
     raise ValueError(f"unknown SPIDER label {label}")
+
+
+def cut_by_field(piece, spacing, margin_mm: float = 1.0) -> bool:
+    """Whether a labelled piece (canonical boolean array) comes within ``margin_mm`` of the image's
+    in-plane border (rows or columns): the field of view cuts it, so it is partially visible (label
+    100 + id). Stage 02 and the generator mark vertebrae with this one rule."""
+    rr = np.nonzero(piece.any(axis=(0, 2)))[0]
+    cc = np.nonzero(piece.any(axis=(0, 1)))[0]
+    mr, mc = margin_mm / spacing[1], margin_mm / spacing[2]
+    rows, cols = piece.shape[1:]
+    return bool(rr[0] < mr or rr[-1] > rows - 1 - mr or cc[0] < mc or cc[-1] > cols - 1 - mc)

@@ -56,7 +56,7 @@ from spine.core.train import dist
 from spine.core.train.loop import TrainSettings, fit, load_weights, resolve_device
 from spine.core.train.stage import fold_model, torch_threads
 from spine.spider import io, scores
-from spine.spider.labels import CANAL, DISC_OFFSET, MAX_COUNT, PARTIAL_OFFSET
+from spine.spider.labels import CANAL, DISC_OFFSET, MAX_COUNT, PARTIAL_OFFSET, cut_by_field
 from spine.spider.measure import measure_kwargs, measure_table
 from spine.spider.preprocess import CLASSES, cached, load_table
 
@@ -233,16 +233,6 @@ def _disc_plane(mask: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     return centre, normal if normal[1] < 0 else -normal  # rows grow inferior: superior is -row
 
 
-def at_border(piece: np.ndarray, spacing, margin_mm: float = 1.0) -> bool:
-    """Whether a piece comes within ``margin_mm`` of the image's in-plane border (rows or columns): the
-    field of view cuts it, so it is partially visible (as the generator marks its bodies)."""
-    rr = np.nonzero(piece.any(axis=(0, 2)))[0]
-    cc = np.nonzero(piece.any(axis=(0, 1)))[0]
-    mr, mc = margin_mm / spacing[1], margin_mm / spacing[2]
-    rows, cols = piece.shape[1:]
-    return bool(rr[0] < mr or rr[-1] > rows - 1 - mr or cc[0] < mc or cc[-1] > cols - 1 - mc)
-
-
 def merge_coplanar(discs: list[np.ndarray], spacing, merge_mm: float) -> list[np.ndarray]:
     """Disc pieces that lie on one plane (a smaller piece's centroid within ``merge_mm`` of a larger
     piece's plane) joined: a disc cut in two by a few wrong pixels stays one disc."""
@@ -307,7 +297,7 @@ def instance_labels(
             if k < len(discs):
                 reasons.append(f"no vertebra between discs {DISC_OFFSET + k} and {DISC_OFFSET + k + 1}")
             continue
-        cut = at_border(pieces[0], spacing)
+        cut = cut_by_field(pieces[0], spacing)
         labels[pieces[0]] = k + (PARTIAL_OFFSET if cut else 0)
         if cut:
             partial.append(k)

@@ -618,6 +618,10 @@ def render_volume(patient: Patient, plan: ImagePlan, whole: bool = True) -> tupl
         win = _row_window(plan, body.corners(), 5.0)
         if win.stop > win.start:
             mask[:, win][body.inside(y, z[:, win], xl, edge) >= 0.5] = ids[body.name]
+    if whole:  # a vertebra whose arch the field of view cuts is partially visible too (stage 02's rule)
+        for label in np.unique(mask[mask <= lab.MAX_COUNT]).tolist():
+            if label and lab.cut_by_field(mask == label, plan.spacing, PARTIAL_MARGIN_MM):
+                mask[mask == label] = label + lab.PARTIAL_OFFSET
     sacrum = [patient.bodies[-1], *patient.sacral]  # unlabelled, as in SPIDER
     _paint_bodies(img, sacrum, plan, y, z, xl, edge, v)
     for body in sacrum:
