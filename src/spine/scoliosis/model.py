@@ -169,7 +169,8 @@ def decode(
     L5); the first ``k`` distinct ones (topped up with the passed-over ones if too few) are sorted top
     to bottom.
     """
-    heat = torch.sigmoid(out["heat"].float())
+    out = {name: v.detach().float().cpu() for name, v in out.items()}  # small maps; the rest is indexing
+    heat = torch.sigmoid(out["heat"])
     peaks = heat * (F.max_pool2d(heat, window, stride=1, padding=window // 2) == heat)
     b, _, h, w = heat.shape
     index = peaks.reshape(b, -1).topk(min(max(candidates, k), h * w), dim=1).indices  # strongest first
@@ -182,8 +183,8 @@ def decode(
             inside = ((near >= 0) & (near < torch.tensor([w, h]))).all(-1)
             near = torch.minimum(near.clamp(min=0), torch.tensor([w - 1, h - 1]))
             idx = near[..., 1] * w + near[..., 0]
-            centre = near.float() + gather(out["offset"].float(), idx)
-            corners = centre[..., None, :] + gather(out["corners"].float(), idx).reshape(*idx.shape, 4, 2)
+            centre = near.float() + gather(out["offset"], idx)
+            corners = centre[..., None, :] + gather(out["corners"], idx).reshape(*idx.shape, 4, 2)
             wgt = (gather(heat, idx)[..., 0] * inside)[..., None, None]
             total += wgt * torch.cat([centre[..., None, :], corners], dim=-2)
             weight += wgt
