@@ -45,12 +45,12 @@ from spine.core.io import fingerprint, is_current, mark_current, save_table, sav
 from spine.core.paths import Paths
 from spine.core.stacks import StackGeometry, stack_geometries
 from spine.lumbar.task import CONDITION_SERIES, LEVEL_NAMES, LEVELS
-from spine.spider.labels import DISC_OFFSET  # disc 200 + k is the k-th from the sacrum
-from spine.spider.measure import mid_sagittal
 
 log = logging.getLogger(__name__)
 
 METHODS = ("keypoints", "segmentation", "both")
+DISC_OFFSET = 200  # SPIDER: disc 200 + k is the k-th from the sacrum
+MAX_VERTEBRA = 25  # SPIDER: vertebrae 1..25 (fully visible)
 # canonical axis directions in patient LPS: right -> left (+x), superior -> inferior (-z), anterior ->
 # posterior (+y), the layout spider's models read (spine.spider.io)
 CANONICAL_DIRECTIONS = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
@@ -130,6 +130,12 @@ def canonical_to_stack(view: CanonicalView, points: np.ndarray) -> np.ndarray:
 
 
 # --- anchors from one label array -------------------------------------------------------------------
+def mid_sagittal(labels: np.ndarray) -> int:
+    """The slice (canonical axis 0) with the largest area of fully visible vertebral bodies."""
+    body = (labels >= 1) & (labels <= MAX_VERTEBRA)
+    return int(np.argmax(body.reshape(len(labels), -1).sum(1)))
+
+
 def disc_pixels(labels: np.ndarray, disc: int, mid: int) -> np.ndarray:
     """Canonical voxels (n, 3) of one disc on the mid-sagittal slice, or on its own largest slice where
     the mid slice misses it."""
