@@ -49,6 +49,7 @@ from spine.lumbar.task import CONDITION_SERIES, LEVEL_NAMES, LEVELS
 log = logging.getLogger(__name__)
 
 METHODS = ("keypoints", "segmentation", "both")
+# SPIDER's label ids and mid-slice rule, restated here: a task package imports no other (tests/test_layout.py)
 DISC_OFFSET = 200  # SPIDER: disc 200 + k is the k-th from the sacrum
 MAX_VERTEBRA = 25  # SPIDER: vertebrae 1..25 (fully visible)
 # canonical axis directions in patient LPS: right -> left (+x), superior -> inferior (-z), anterior ->
