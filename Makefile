@@ -41,7 +41,7 @@ demo: $(STAMP)  # every task, small data and few epochs: minutes on 2 CPU cores
 	@echo "submissions/<task>_demo.csv (+ .report.json); spider's test masks and overlays: predict/spider/demo/."
 	@echo "Larger data and longer training: make demo-full."
 
-demo-full: $(STAMP)  # the same chain with more studies, folds and epochs (about 45 minutes on 2 CPU cores)
+demo-full: $(STAMP)  # the same chain with more studies, folds and epochs (about 80 minutes on 2 CPU cores)
 	$(call chain,configs/lumbar/demo_full.yaml)
 	$(call chain,configs/cervical/demo_full.yaml)
 	$(call chain,configs/spider/demo_full.yaml,$(ONE_THREAD))

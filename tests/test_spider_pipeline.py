@@ -78,6 +78,19 @@ def test_stage_02_oof_masks_in_the_input_geometry_and_a_report(pipeline):
     folds = pd.read_csv(root / "out/folds/spider.csv", dtype={"study_id": str})
     patients = {io.split_name(m.name)[0] for m in train}
     assert set(folds["study_id"]) == patients  # folds by patient: each patient's images in one fold
+    # the generator writes SPIDER's radiological gradings: a fold trains a herniation classifier when its
+    # training patients have discs with and without a herniation
+    grades = pd.read_csv(root / "data/radiological_gradings.csv")
+    patient_fold = dict(zip(folds["study_id"], folds["fold"]))
+    grades["fold"] = grades["Patient"].astype(str).map(patient_fold)
+    for fold in (0, 1):
+        both = grades.loc[grades["fold"] != fold, "Disc herniation"].nunique() == 2
+        assert (fold in report["herniation_classifier_folds"]) == both
+        assert (root / f"out/models/spider/segmenter/hernia_fold{fold}_seed42.pt").exists() == both
+    assert report["herniation_classifier_folds"]  # this data set trains one at least
+    oof = pd.read_csv(root / "out/localize/spider/measure.csv")
+    probs = oof.loc[oof["measurement"] == "herniation_probability", "value"]
+    assert len(probs) and probs.between(0, 1).all()
 
 
 def test_stage_06_rows_for_every_test_image_and_masks_to_score(pipeline):

@@ -68,4 +68,5 @@ SPIDER_TINY = [
     "segment.epochs=1",
     "segment.batch=8",
     "segment.mirror=false",
+    "hernia.epochs=1",
 ]

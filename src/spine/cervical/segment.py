@@ -762,12 +762,14 @@ def order_components(labels: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
     comp, n = ndimage.label(labels > 0)
     if n < 2:
         return labels
+    # slice by slice: a 1,000-slice stack's int64 keys at once would take 2 GB, and their product 2 more
     per_slice = np.stack([np.bincount(c.ravel(), minlength=n + 1) for c in comp])  # (slices, pieces+1)
     size = per_slice.sum(0)[1:]
     z = (np.asarray(z_mm, dtype=np.float64) @ per_slice)[1:] / np.maximum(size, 1)
-    votes = np.bincount(
-        (comp.astype(np.int64) * N_CLASSES + labels).ravel(), minlength=(n + 1) * N_CLASSES
-    ).reshape(n + 1, N_CLASSES)[1:]
+    votes = np.zeros((n + 1) * N_CLASSES, dtype=np.int64)
+    for c, lab in zip(comp, labels):
+        votes += np.bincount((c.astype(np.int64) * N_CLASSES + lab).ravel(), minlength=len(votes))
+    votes = votes.reshape(n + 1, N_CLASSES)[1:]
     big = np.flatnonzero(size >= ORDER_MIN_PIECE * size.max())
     skip = ORDER_SKIP_COST * float(np.median(size[big]))
     best = None
@@ -780,7 +782,10 @@ def order_components(labels: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
     relabel[1 + order] = True
     mapping = np.zeros(n + 1, dtype=np.uint8)
     mapping[1 + order] = seq
-    return np.where(relabel[comp], mapping[comp], labels)
+    out = np.empty_like(labels)
+    for k, c in enumerate(comp):
+        out[k] = np.where(relabel[c], mapping[c], labels[k])
+    return out
 
 
 def sequence_labels(votes: np.ndarray, skip_cost: float) -> tuple[float, np.ndarray]:

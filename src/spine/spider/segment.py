@@ -26,7 +26,9 @@ trains on the other folds' images and predicts its own (out of fold). Per fold: 
 (``Paths.segmenter_checkpoint``), ``localize/spider/masks/<image>.mha`` (predicted labels in the input
 file's exact geometry), the fold's Dice table (``Paths.segmenter_predictions``, written last: marks the
 fold done) and its measurements (``spine.spider.measure.measure`` on the predicted labels and, with
-``segment.measure_true_masks``, on the true masks). ``report.json``: OOF Dice per structure and class,
+``segment.measure_true_masks``, on the true masks). With SPIDER's radiological gradings, each fold also
+trains a herniation classifier (``spine.spider.hernia``) whose probability replaces the rule's
+``herniation_probability`` of the held-out images. ``report.json``: OOF Dice per structure and class,
 broken sequences, seconds per image, and the OOF measurement errors beside the baseline (the other
 folds' mean / majority grade), against the generator's truth when it exists and against the
 measurements of the true masks when made (the segmentation's share of the error; the only reference
@@ -55,7 +57,7 @@ from spine.core.paths import Paths
 from spine.core.train import dist
 from spine.core.train.loop import TrainSettings, fit, load_weights, resolve_device
 from spine.core.train.stage import fold_model, torch_threads
-from spine.spider import io, scores
+from spine.spider import hernia, io, scores
 from spine.spider.labels import CANAL, DISC_OFFSET, MAX_COUNT, PARTIAL_OFFSET, cut_by_field
 from spine.spider.measure import measure_kwargs, measure_table
 from spine.spider.preprocess import CLASSES, cached, load_table
@@ -371,8 +373,11 @@ def train_images(table: pd.DataFrame) -> pd.DataFrame:
     return table[(table["split"] == "train") & (table["status"] == "ok")].reset_index(drop=True)
 
 
-def run_fold(cfg, paths: Paths, table: pd.DataFrame, fold_of: dict, fold: int, device) -> None:
-    """Train fold ``fold`` (or load its checkpoint), segment and measure its held-out images."""
+def run_fold(
+    cfg, paths: Paths, table: pd.DataFrame, fold_of: dict, fold: int, device, hernia_key: str | None
+) -> None:
+    """Train fold ``fold``'s segmenter and herniation classifier (or load their checkpoints), segment
+    and measure its held-out images."""
     sc, key = cfg.segment, segmenter_key(cfg, paths, table)
     train = train_images(table)
     in_fold = train["patient"].astype(str).map(fold_of) == fold
@@ -401,6 +406,8 @@ def run_fold(cfg, paths: Paths, table: pd.DataFrame, fold_of: dict, fold: int, d
     ckpt = paths.segmenter_checkpoint(fold, cfg.seed)
     model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
     model.eval()
+    classifier = hernia.fold_classifier(cfg, paths, rest, fold, hernia_key, device)
+    n_lumbar = measure_kwargs(cfg).get("n_lumbar", 5)
     dice_rows, pred_rows, true_rows = [], [], []
     for row in held.to_dict("records"):
         img, labels, info = segment_image(
@@ -412,7 +419,13 @@ def run_fold(cfg, paths: Paths, table: pd.DataFrame, fold_of: dict, fold: int, d
         dice_rows += [{**r, "fold": fold} for r in scores.dice_rows(row["image"], labels, truth)]
         dice_rows.append({"image": row["image"], "fold": fold, "label": "sequence", "info": json.dumps(info)})
         t0 = time.perf_counter()
-        m = measure_table(labels, img.spacing, cfg).assign(image=row["image"], fold=fold)
+        m = measure_table(labels, img.spacing, cfg)
+        if classifier is not None:
+            probs = hernia.disc_probabilities(
+                [classifier], img.array, labels, img.spacing, cfg.hernia, device
+            )
+            m = hernia.with_probabilities(m, probs, n_lumbar)
+        m = m.assign(image=row["image"], fold=fold)
         m["seconds"] = time.perf_counter() - t0
         pred_rows.append(m)
         if sc.measure_true_masks:
@@ -422,7 +435,7 @@ def run_fold(cfg, paths: Paths, table: pd.DataFrame, fold_of: dict, fold: int, d
     save_table(oof_measurements_path(paths, fold, truth_masks=True), _concat(true_rows, cols))
     out = paths.segmenter_predictions(fold)
     save_table(out, pd.DataFrame(dice_rows, columns=["image", "fold", "label", "dice", "in_truth", "info"]))
-    mark_current(out, key)
+    mark_current(out, fingerprint(key, hernia_key))
 
 
 def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -443,14 +456,24 @@ def _run_segment(cfg) -> dict:
     table = load_table(paths.cache_dir)
     folds_df = load_folds(cfg)
     fold_of = {str(s): int(f) for s, f in zip(folds_df["study_id"], folds_df["fold"])}
-    key = segmenter_key(cfg, paths, table)
+    hernia_key = hernia.classifier_key(cfg, paths, train_images(table))
+    key = fingerprint(segmenter_key(cfg, paths, table), hernia_key)
     for fold in selected_folds(cfg, cfg.segment):
         if is_current(paths.segmenter_predictions(fold), key):
             log.info("fold %d: OOF segmentation exists, skipped", fold)
             continue
-        run_fold(cfg, paths, table, fold_of, fold, device)
+        run_fold(cfg, paths, table, fold_of, fold, device, hernia_key)
     done = [f for f in range(cfg.folds.n_folds) if is_current(paths.segmenter_predictions(f), key)]
     report = oof_report(cfg, paths, table, done, fold_of)
+    with_classifier = [
+        f for f in done if hernia_key and paths.segmenter_checkpoint(f, cfg.seed, "hernia").exists()
+    ]
+    report["herniation_classifier_folds"] = with_classifier
+    report["summary"]["herniation probability"] = (
+        f"classifier in folds {with_classifier}, else the rule"
+        if with_classifier
+        else "rule (measured protrusion)"
+    )
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["summary"]["seconds"] = report["seconds"]
     if dist.is_main():

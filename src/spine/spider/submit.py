@@ -5,7 +5,8 @@ Under ``Paths.predict_dir``: ``cache/`` (stage 01 on the test split), ``masks/<i
 labels in the input file's exact geometry, so Dice can be scored voxel for voxel) and
 ``overlays/<image>.png`` (mid-sagittal slice, labels, corner points, measuring lines and values). Each
 test image is segmented with the mean of the fold models' probabilities (``segment.mirror`` adds the
-left-right mirror) and measured by ``spine.spider.measure.measure``.
+left-right mirror) and measured by ``spine.spider.measure.measure``; a disc's herniation probability is
+the mean of stage 02's fold classifiers (``spine.spider.hernia``) where it made them.
 
 The submission (``SUBMISSION_COLUMNS``) has one row per image, structure and measurement: every test
 image gets the full set of rows (the structures and measurements stage 02 measured out of fold, and any
@@ -32,8 +33,8 @@ from spine.core.io import save_table, save_text
 from spine.core.paths import Paths
 from spine.core.train.loop import resolve_device
 from spine.core.train.stage import torch_threads
-from spine.spider import io, scores
-from spine.spider.measure import measure_image
+from spine.spider import hernia, io, scores
+from spine.spider.measure import measure_image, measure_kwargs
 from spine.spider.preprocess import run_cache
 from spine.spider.segment import load_models, oof_measurements_path, segment_image
 
@@ -90,7 +91,10 @@ def _run_submit(cfg) -> dict:
     test = images[images["split"] == "test"]
     table, _ = run_cache(test, work / "cache", float(cfg.preprocess.grid_mm), max_failed_share=1.0)
     device = resolve_device(cfg.segment.device)
-    models = load_models(cfg, paths, selected_folds(cfg, cfg.segment), device)
+    folds = selected_folds(cfg, cfg.segment)
+    models = load_models(cfg, paths, folds, device)
+    classifiers = hernia.load_classifiers(cfg, paths, folds, device)
+    n_lumbar = measure_kwargs(cfg).get("n_lumbar", 5)
     measured, infos, failed, drawn = {}, {}, {}, 0
     for row in tqdm(table.to_dict("records"), desc="test images", leave=False):
         if row["status"] != "ok":
@@ -111,6 +115,8 @@ def _run_submit(cfg) -> dict:
         if meas is None:
             failed[row["image"]] = why
         else:
+            probs = hernia.disc_probabilities(classifiers, img.array, labels, img.spacing, cfg.hernia, device)
+            meas.table = hernia.with_probabilities(meas.table, probs, n_lumbar)
             measured[row["image"]] = meas.table
         info["measure_seconds"] = round(time.perf_counter() - t1, 3)
         infos[row["image"]] = info

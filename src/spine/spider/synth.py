@@ -884,12 +884,12 @@ def _gradings(patients: list[Patient]) -> pd.DataFrame:
         for _, r in levels.iterrows():
             upper = r["structure"].split("/")[0]
             rows.append(
-                dict(
-                    patient=p.pid,
-                    ivd_label=lab.DISC_OFFSET + lab.vertebra_label(upper, p.n_lumbar),
-                    spondylolisthesis=int(r["meyerding_grade"] > 0),
-                    disc_herniation=int(r["herniation"]),
-                    disc_narrowing=int(r["narrowing"]),
-                )
+                {
+                    "Patient": p.pid,
+                    "IVD label": lab.vertebra_label(upper, p.n_lumbar),  # 1 = L5/S1, counted up
+                    "Spondylolisthesis": int(r["meyerding_grade"] > 0),
+                    "Disc herniation": int(r["herniation"]),
+                    "Disc narrowing": int(r["narrowing"]),
+                }
             )
     return pd.DataFrame(rows)
