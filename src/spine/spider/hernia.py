@@ -33,8 +33,15 @@ from scipy import ndimage
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from spine.core.folds import fold_key
+from spine.core.io import fingerprint, is_current
+from spine.core.models.encoder import build_encoder
+from spine.core.train.loop import TrainSettings, fit, load_weights
+from spine.core.train.stage import fold_model
+from spine.spider import io
 from spine.spider import labels as lab
-from spine.spider.measure import mid_sagittal
+from spine.spider.measure import UNITS, mid_sagittal
+from spine.spider.preprocess import normalize
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +131,6 @@ class HerniaNet(nn.Module):
 
     def __init__(self, hc):
         super().__init__()
-        from spine.core.models.encoder import build_encoder
-
         self.encoder = build_encoder(hc.encoder, 2 * int(hc.context) + 1, hc.checkpoint, features_only=False)
         self.head = nn.Linear(self.encoder.num_features, 1)
 
@@ -188,8 +193,6 @@ def classifier_key(cfg, paths, train: pd.DataFrame) -> str | None:
     """What the fold classifiers are made from (config, folds, seed, training images, gradings), or None
     when they are not made (``hernia.enabled`` false, or no gradings file: the rule's probability
     stays, and stage 02 says so)."""
-    from spine.core.folds import fold_key
-    from spine.core.io import fingerprint
 
     if not cfg.hernia.enabled:
         return None
@@ -205,8 +208,6 @@ def classifier_key(cfg, paths, train: pd.DataFrame) -> str | None:
 def training_patches(rows: pd.DataFrame, hc, data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Patches on the true masks' discs of the images in ``rows`` (image_path, mask_path, patient) and
     their gradings' herniation (discs without a grading are left out)."""
-    from spine.spider import io
-    from spine.spider.preprocess import normalize
 
     grades = load_gradings(data_dir)
     target = {(p, d): h for p, d, h in zip(grades["patient"], grades["disc"], grades["herniation"])}
@@ -225,9 +226,6 @@ def training_patches(rows: pd.DataFrame, hc, data_dir: Path) -> tuple[np.ndarray
 def fold_classifier(cfg, paths, rest: pd.DataFrame, fold: int, key: str | None, device):
     """Fold ``fold``'s classifier, trained on the patches of the images in ``rest`` (or its checkpoint);
     None without a key, or when the training discs are all of one class."""
-    from spine.core.io import is_current
-    from spine.core.train.loop import TrainSettings, fit
-    from spine.core.train.stage import fold_model
 
     if key is None:
         return None
@@ -252,7 +250,6 @@ def fold_classifier(cfg, paths, rest: pd.DataFrame, fold: int, key: str | None, 
 
 def load_classifiers(cfg, paths, folds: list[int], device) -> list:
     """The fold classifiers stage 02 made (none when it made none: the rule's probability stays)."""
-    from spine.core.train.loop import load_weights
 
     if not cfg.hernia.enabled:
         return []
@@ -264,7 +261,6 @@ def disc_probabilities(
     models: list, image: np.ndarray, labels: np.ndarray, spacing, hc, device
 ) -> dict[int, float]:
     """{disc label: herniation probability} of one canonical image and its (predicted) label mask."""
-    from spine.spider.preprocess import normalize
 
     if not models:
         return {}
@@ -278,7 +274,6 @@ def disc_probabilities(
 def with_probabilities(table: pd.DataFrame, probs: dict[int, float], n_lumbar: int = 5) -> pd.DataFrame:
     """The measurement table with each lumbar disc's ``herniation_probability`` from the classifier (a
     row is added for a disc the measurements could not read; discs above L1/L2 are not measured)."""
-    from spine.spider.measure import UNITS
 
     rows = {
         (lab.disc_name(d, n_lumbar), "herniation_probability"): p

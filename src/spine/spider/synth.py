@@ -10,7 +10,8 @@ chain built from the sacrum up, so the shapes the measurements look for are know
   endplates; wedge, biconcave and crush deformities (Genant grades 1-3) change those heights;
 - each disc fills the space between two bodies (corner to corner, and the dips); its anterior/posterior
   wedge makes the lordosis (from flat to marked); narrowed discs are thin; a herniation is a bump of
-  known height beyond the line joining the two bodies' posterior corners;
+  known height beyond the line joining the two bodies' posterior corners, central or (as often on real
+  scans) paracentral, off the midline toward one side, where the mid-sagittal slice shows little of it;
 - a listhesis shifts the body above (and all above it) forward along the lower endplate (Meyerding I-III);
 - now and then a transitional sixth lumbar vertebra (L6), which shifts the SPIDER numbering;
 - under L5/S1 the sacrum, unlabelled as in SPIDER: S1 to S4 fused into one tapering mass that curves
@@ -87,6 +88,7 @@ MEYERDING_PERCENT = {1: (8.0, 22.0), 2: (28.0, 47.0), 3: (53.0, 72.0)}
 MEYERDING_P = (0.6, 0.3, 0.1)
 P_HERNIATION = (0.25, 0.25, 0.12, 0.08, 0.05)
 HERNIATION_MM = (2.5, 7.0)
+P_PARACENTRAL = 0.4  # share of herniations centred off the midline
 P_NARROWING = (0.15, 0.15, 0.10, 0.08, 0.05)
 NARROWING_FACTOR = (0.4, 0.6)
 
@@ -305,6 +307,14 @@ def _deformity(rng, h_post: float) -> tuple[str, int, float, float, float]:
     return kind, grade, h_post * (1 - loss), h_post * (1 - loss), 0.0
 
 
+def _hernia_place(rng) -> tuple[float, float]:
+    """(lateral centre, half width) in mm of a herniation: central and broad, or paracentral (5-9 mm off
+    the midline, to either side) and narrower."""
+    if rng.random() < P_PARACENTRAL:
+        return float(rng.choice([-1.0, 1.0]) * rng.uniform(5.0, 9.0)), float(rng.uniform(5.0, 8.0))
+    return float(rng.uniform(-2.0, 2.0)), float(rng.uniform(9.0, 12.0))
+
+
 def _level_draws(rng, i: int) -> dict:
     """Listhesis, herniation and narrowing of lumbar level ``i`` (0 = the lumbosacral level)."""
     k = min(i, len(P_LISTHESIS) - 1)
@@ -362,7 +372,7 @@ def sample_patient(rng: np.random.Generator, pid: int) -> Patient:
         body.centre = q_up + body.rim_height(0.0) / 2 * _unit(body.tilt)
         q, th = body.centre + body.rim_height(0.0) / 2 * _unit(body.tilt), body.tilt + gamma
         hernia_mm = lvl["hernia"]
-        discs.append(Disc(body, lower, hernia_mm, rng.uniform(-2.0, 2.0), rng.uniform(9.0, 12.0)))
+        discs.append(Disc(body, lower, hernia_mm, *_hernia_place(rng)))
         bodies.append(body)
         if is_lumbar:
             drawn.append(dict(structure=name, deformity=kind, genant_grade=grade))
