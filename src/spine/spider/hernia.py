@@ -40,7 +40,7 @@ from spine.core.train.loop import TrainSettings, fit, load_weights
 from spine.core.train.stage import fold_model
 from spine.spider import io
 from spine.spider import labels as lab
-from spine.spider.measure import UNITS, mid_sagittal
+from spine.spider.measure import UNITS, measure_kwargs, mid_sagittal
 from spine.spider.preprocess import normalize
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,6 @@ def disc_probabilities(
     models: list, image: np.ndarray, labels: np.ndarray, spacing, hc, device
 ) -> dict[int, float]:
     """{disc label: herniation probability} of one canonical image and its (predicted) label mask."""
-
     if not models:
         return {}
     patches = disc_patches(normalize(image), labels, spacing, hc)
@@ -288,3 +287,10 @@ def with_probabilities(table: pd.DataFrame, probs: dict[int, float], n_lumbar: i
         columns=["structure", "measurement", "value", "unit"],
     )
     return pd.concat([table[keep], new], ignore_index=True)
+
+
+def classified(table: pd.DataFrame, models: list, img, labels: np.ndarray, cfg, device) -> pd.DataFrame:
+    """One image's measurement table with the ``models``' herniation probabilities (stages 02 and 06;
+    unchanged without models). ``img``: its ``io.Canonical``; ``labels``: its predicted label mask."""
+    probs = disc_probabilities(models, img.array, labels, img.spacing, cfg.hernia, device)
+    return with_probabilities(table, probs, measure_kwargs(cfg).get("n_lumbar", 5))

@@ -407,7 +407,7 @@ def run_fold(
     model, _ = fold_model(ckpt, key, cfg.seed + fold, lambda: build_model(sc), fit_fold, device)
     model.eval()
     classifier = hernia.fold_classifier(cfg, paths, rest, fold, hernia_key, device)
-    n_lumbar = measure_kwargs(cfg).get("n_lumbar", 5)
+    classifiers = [classifier] if classifier is not None else []
     dice_rows, pred_rows, true_rows = [], [], []
     for row in held.to_dict("records"):
         img, labels, info = segment_image(
@@ -419,12 +419,7 @@ def run_fold(
         dice_rows += [{**r, "fold": fold} for r in scores.dice_rows(row["image"], labels, truth)]
         dice_rows.append({"image": row["image"], "fold": fold, "label": "sequence", "info": json.dumps(info)})
         t0 = time.perf_counter()
-        m = measure_table(labels, img.spacing, cfg)
-        if classifier is not None:
-            probs = hernia.disc_probabilities(
-                [classifier], img.array, labels, img.spacing, cfg.hernia, device
-            )
-            m = hernia.with_probabilities(m, probs, n_lumbar)
+        m = hernia.classified(measure_table(labels, img.spacing, cfg), classifiers, img, labels, cfg, device)
         m = m.assign(image=row["image"], fold=fold)
         m["seconds"] = time.perf_counter() - t0
         pred_rows.append(m)

@@ -34,7 +34,7 @@ from spine.core.paths import Paths
 from spine.core.train.loop import resolve_device
 from spine.core.train.stage import torch_threads
 from spine.spider import hernia, io, scores
-from spine.spider.measure import measure_image, measure_kwargs
+from spine.spider.measure import measure_image
 from spine.spider.preprocess import run_cache
 from spine.spider.segment import load_models, oof_measurements_path, segment_image
 
@@ -94,7 +94,6 @@ def _run_submit(cfg) -> dict:
     folds = selected_folds(cfg, cfg.segment)
     models = load_models(cfg, paths, folds, device)
     classifiers = hernia.load_classifiers(cfg, paths, folds, device)
-    n_lumbar = measure_kwargs(cfg).get("n_lumbar", 5)
     measured, infos, failed, drawn = {}, {}, {}, 0
     for row in tqdm(table.to_dict("records"), desc="test images", leave=False):
         if row["status"] != "ok":
@@ -115,8 +114,7 @@ def _run_submit(cfg) -> dict:
         if meas is None:
             failed[row["image"]] = why
         else:
-            probs = hernia.disc_probabilities(classifiers, img.array, labels, img.spacing, cfg.hernia, device)
-            meas.table = hernia.with_probabilities(meas.table, probs, n_lumbar)
+            meas.table = hernia.classified(meas.table, classifiers, img, labels, cfg, device)
             measured[row["image"]] = meas.table
         info["measure_seconds"] = round(time.perf_counter() - t1, 3)
         infos[row["image"]] = info
