@@ -72,3 +72,34 @@ def test_probabilities_replace_the_rule_on_lumbar_levels():
         ("L3/L4", "herniation_probability"): 0.7,  # a disc the measurements missed gets its row
     }  # 206 (T12/L1) is not a measured level
     assert hernia.with_probabilities(table, {}, 5).equals(table)
+
+
+def test_api_measurements_take_the_runs_classifiers(tmp_path):
+    """What the lumbar task gets through ``spine.spider.api``: the run's classifiers' probabilities when it
+    has classifiers, the rule's when it has none; every other measurement the same either way."""
+    import torch
+
+    from spine.core.config import REPO_ROOT, load_config
+    from spine.core.synth import generate
+    from spine.spider import api, io
+    from spine.spider.measure import measure_table
+
+    generate("spider", tmp_path / "spider", 1, 0, seed=2, image_size=96, n_slices=[9, 9])
+    name = sorted((tmp_path / "spider/images").glob("*.mha"))[0].name
+    img = io.read_canonical(tmp_path / "spider/images" / name)
+    labels = io.read_canonical(tmp_path / "spider/masks" / name).array
+    cfg = load_config(REPO_ROOT / "configs/spider/demo.yaml", [])
+    torch.manual_seed(0)
+    net = hernia.HerniaNet(cfg.hernia).eval()
+    cpu = torch.device("cpu")
+    with_net = api.measure_labels(labels, img.spacing, api.Segmenter(cfg, [], cpu, tmp_path, [net]), img.array)
+    without = api.measure_labels(labels, img.spacing, api.Segmenter(cfg, [], cpu, tmp_path, []), img.array)
+    assert without.equals(measure_table(labels, img.spacing, cfg))
+    probs = hernia.disc_probabilities([net], img.array, labels, img.spacing, cfg.hernia, cpu)
+    got = with_net.set_index(["structure", "measurement"])["value"]
+    lumbar = {d: p for d, p in probs.items() if d - hernia.lab.DISC_OFFSET <= 5}
+    assert len(lumbar) >= 4
+    for disc, p in lumbar.items():
+        assert got[(hernia.lab.disc_name(disc, 5), "herniation_probability")] == pytest.approx(p)
+    rest = lambda t: t[t["measurement"] != "herniation_probability"].reset_index(drop=True)
+    assert rest(with_net).equals(rest(without))

@@ -55,7 +55,7 @@ MAX_VERTEBRA = 25  # SPIDER: vertebrae 1..25 (fully visible)
 # canonical axis directions in patient LPS: right -> left (+x), superior -> inferior (-z), anterior ->
 # posterior (+y), the layout spider's models read (spine.spider.io)
 CANONICAL_DIRECTIONS = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-ANCHORS_VERSION = 3  # bump when the anchors or measurements tables change, so stored ones are remade
+ANCHORS_VERSION = 4  # bump when the anchors or measurements tables change, so stored ones are remade
 FRAME = ("lateral", "up", "ap")
 FRAME_COLUMNS = [f"{f}_{a}" for f in FRAME for a in "xyz"]
 ANCHOR_COLUMNS = ["study_id", "split", "description", "series_id", "stack", "level", "x_mm", "y_mm", "z_mm"]
@@ -218,7 +218,7 @@ def segment_stacks(cfg, paths: Paths, items: list, out_dir: Path) -> tuple[pd.Da
     for it in tqdm(order, desc="segment stacks", leave=False, dynamic_ncols=True):
         t0 = time.perf_counter()
         try:
-            labels, info, view, geo = seg.labels(it)
+            labels, info, view, geo, volume = seg.labels(it)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             log.warning("segmentation skipped %s: %s", seg.name(it), e)
             failed[seg.name(it)] = f"{type(e).__name__}: {e}"
@@ -231,7 +231,7 @@ def segment_stacks(cfg, paths: Paths, items: list, out_dir: Path) -> tuple[pd.Da
             failed[seg.name(it)] = "no lumbar disc found on the masks"
         anchors += [{**stack_ids(it), **a, "broken": bool(info.get("broken"))} for a in found]
         if it.study_id not in meas and found:
-            table = seg.measure(it, labels, view)
+            table = seg.measure(it, labels, view, volume)
             if len(table):
                 meas[it.study_id] = table
     anchors_df = reconcile_stacks(pd.DataFrame(anchors, columns=[*ANCHOR_COLUMNS, *FRAME_COLUMNS, "broken"]))
@@ -279,16 +279,19 @@ class StackSegmenter:
         return f"{it.study_id}/{it.series_id}_{it.stack} ({it.description})"
 
     def labels(self, it):
-        """(SPIDER labels in the canonical layout, spider's instance info, the view, the geometry)."""
+        """(SPIDER labels in the canonical layout, spider's instance info, the view, the geometry, the
+        canonical volume)."""
         geo = self.geos[(it.study_id, it.series_id, it.stack)]
         vol = np.load(self.paths.cache_dir / it.path).astype(np.float32)
         view = canonical_view(geo, vol.shape)
-        labels, info = self.segment(np.ascontiguousarray(to_canonical(vol, view)), view.spacing, self.model)
-        return labels, info, view, geo
+        volume = np.ascontiguousarray(to_canonical(vol, view))
+        labels, info = self.segment(volume, view.spacing, self.model)
+        return labels, info, view, geo, volume
 
-    def measure(self, it, labels: np.ndarray, view: CanonicalView) -> pd.DataFrame:
-        """spider's measurement table of one stack's labels, with the stack's identifying columns."""
-        table = self._measure(labels, view.spacing, self.model)
+    def measure(self, it, labels: np.ndarray, view: CanonicalView, volume: np.ndarray) -> pd.DataFrame:
+        """spider's measurement table of one stack's labels (herniation probabilities from the spider
+        run's classifiers on ``volume`` when it has them), with the stack's identifying columns."""
+        table = self._measure(labels, view.spacing, self.model, volume)
         return table.assign(**stack_ids(it)) if len(table) else table
 
 
@@ -302,10 +305,10 @@ def measure_studies(seg: StackSegmenter, order: list, meas: dict, anchors: pd.Da
             done = meas[study]["description"].iloc[0] if study in meas else None
             for it in (i for i in order if i.study_id == study and i.description != done):
                 try:
-                    labels, _, view, _ = seg.labels(it)
+                    labels, _, view, _, volume = seg.labels(it)
                 except (OSError, ValueError, KeyError, RuntimeError):
                     continue  # already named in the report's stacks_failed
-                table = rename_measurements(seg.measure(it, labels, view), anchors)
+                table = rename_measurements(seg.measure(it, labels, view, volume), anchors)
                 if len(table):
                     break
         if len(table):

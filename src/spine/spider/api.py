@@ -9,6 +9,8 @@ caller hands a sagittal volume already in the canonical layout of ``spine.spider
 it is resampled in-plane to the run's ``preprocess.grid_mm`` and scaled as stage 01 scales an image, every
 fold model's class probabilities are averaged, mapped back onto the volume's own voxels and labelled as
 stage 02 labels them (SPIDER ids: vertebrae 1.. and discs 201.. counted up from the sacrum, canal 100).
+Measuring gives the disc herniation probabilities of the run's fold classifiers (``spine.spider.hernia``)
+when stage 02 trained them, as stage 06 does; otherwise the rule's probability from the protrusion.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from omegaconf import OmegaConf
 
 from spine.core.paths import Paths
 from spine.core.train.loop import resolve_device
-from spine.spider import io
+from spine.spider import hernia, io
 from spine.spider.measure import measure_table
 from spine.spider.preprocess import normalize
 from spine.spider.segment import channel_offsets, instance_labels, load_models, predict_probs, probs_to_native
@@ -32,12 +34,14 @@ from spine.spider.segment import channel_offsets, instance_labels, load_models, 
 
 @dataclass
 class Segmenter:
-    """A trained spider run ready to segment: its config, every fold model and the device."""
+    """A trained spider run ready to segment: its config, every fold model, its fold herniation
+    classifiers (none when stage 02 trained none) and the device."""
 
     cfg: object  # the run's resolved config (DictConfig)
     models: list
     device: torch.device
     location: Path
+    hernia_models: list
 
 
 def config_path(location: Path) -> Path:
@@ -59,8 +63,9 @@ def load_segmenter(location, device: str = "auto") -> Segmenter:
     cfg.out_dir, cfg.models_from = str(location), None  # the run may have been moved since
     dev = resolve_device(device)
     paths = Paths.from_config(cfg)
-    models = load_models(cfg, paths, list(range(int(cfg.folds.n_folds))), dev)
-    return Segmenter(cfg, [m.eval() for m in models], dev, location)
+    folds = list(range(int(cfg.folds.n_folds)))
+    models = load_models(cfg, paths, folds, dev)
+    return Segmenter(cfg, [m.eval() for m in models], dev, location, hernia.load_classifiers(cfg, paths, folds, dev))
 
 
 def canonical_image(volume: np.ndarray, spacing_mm) -> sitk.Image:
@@ -87,7 +92,10 @@ def segment_sagittal(volume: np.ndarray, spacing_mm, segmenter: Segmenter) -> tu
     return instance_labels(classes, spacing_mm, float(sc.min_mm3), float(sc.max_gap), float(sc.disc_merge_mm))
 
 
-def measure_labels(labels: np.ndarray, spacing_mm, segmenter: Segmenter) -> pd.DataFrame:
+def measure_labels(labels: np.ndarray, spacing_mm, segmenter: Segmenter, volume: np.ndarray) -> pd.DataFrame:
     """``spine.spider.measure``'s table (structure, measurement, value, unit) of one canonical label
-    array with the run's ``measure`` settings; empty (logged) when the masks cannot be measured."""
-    return measure_table(labels, spacing_mm, segmenter.cfg)
+    array and its ``volume`` (the array ``segment_sagittal`` was given) with the run's ``measure``
+    settings and herniation classifiers; empty (logged) when the masks cannot be measured."""
+    table = measure_table(labels, spacing_mm, segmenter.cfg)
+    models, dev = segmenter.hernia_models, segmenter.device
+    return hernia.classified(table, models, np.asarray(volume), labels, spacing_mm, segmenter.cfg, dev)

@@ -289,8 +289,11 @@ def with_probabilities(table: pd.DataFrame, probs: dict[int, float], n_lumbar: i
     return pd.concat([table[keep], new], ignore_index=True)
 
 
-def classified(table: pd.DataFrame, models: list, img, labels: np.ndarray, cfg, device) -> pd.DataFrame:
-    """One image's measurement table with the ``models``' herniation probabilities (stages 02 and 06;
-    unchanged without models). ``img``: its ``io.Canonical``; ``labels``: its predicted label mask."""
-    probs = disc_probabilities(models, img.array, labels, img.spacing, cfg.hernia, device)
+def classified(
+    table: pd.DataFrame, models: list, image: np.ndarray, labels: np.ndarray, spacing, cfg, device
+) -> pd.DataFrame:
+    """One image's measurement table with the ``models``' herniation probabilities (stages 02 and 06,
+    and the lumbar task through ``spine.spider.api``; unchanged without models). ``image``: the
+    canonical array, ``labels``: its predicted label mask, ``spacing``: mm per voxel of both."""
+    probs = disc_probabilities(models, image, labels, spacing, cfg.hernia, device)
     return with_probabilities(table, probs, measure_kwargs(cfg).get("n_lumbar", 5))

@@ -419,7 +419,8 @@ def run_fold(
         dice_rows += [{**r, "fold": fold} for r in scores.dice_rows(row["image"], labels, truth)]
         dice_rows.append({"image": row["image"], "fold": fold, "label": "sequence", "info": json.dumps(info)})
         t0 = time.perf_counter()
-        m = hernia.classified(measure_table(labels, img.spacing, cfg), classifiers, img, labels, cfg, device)
+        table = measure_table(labels, img.spacing, cfg)
+        m = hernia.classified(table, classifiers, img.array, labels, img.spacing, cfg, device)
         m = m.assign(image=row["image"], fold=fold)
         m["seconds"] = time.perf_counter() - t0
         pred_rows.append(m)

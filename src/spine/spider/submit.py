@@ -114,7 +114,7 @@ def _run_submit(cfg) -> dict:
         if meas is None:
             failed[row["image"]] = why
         else:
-            meas.table = hernia.classified(meas.table, classifiers, img, labels, cfg, device)
+            meas.table = hernia.classified(meas.table, classifiers, img.array, labels, img.spacing, cfg, device)
             measured[row["image"]] = meas.table
         info["measure_seconds"] = round(time.perf_counter() - t1, 3)
         infos[row["image"]] = info
