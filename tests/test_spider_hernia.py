@@ -92,7 +92,9 @@ def test_api_measurements_take_the_runs_classifiers(tmp_path):
     torch.manual_seed(0)
     net = hernia.HerniaNet(cfg.hernia).eval()
     cpu = torch.device("cpu")
-    with_net = api.measure_labels(labels, img.spacing, api.Segmenter(cfg, [], cpu, tmp_path, [net]), img.array)
+    with_net = api.measure_labels(
+        labels, img.spacing, api.Segmenter(cfg, [], cpu, tmp_path, [net]), img.array
+    )
     without = api.measure_labels(labels, img.spacing, api.Segmenter(cfg, [], cpu, tmp_path, []), img.array)
     assert without.equals(measure_table(labels, img.spacing, cfg))
     probs = hernia.disc_probabilities([net], img.array, labels, img.spacing, cfg.hernia, cpu)

@@ -148,6 +148,60 @@ def test_the_posterior_arch_in_a_vertebra_label_changes_nothing():
     )
 
 
+def test_a_herniation_at_l5_s1_is_not_a_slip():
+    """S1 has no label: its posterior corner is where the disc's lower face ends, not the disc's end a
+    little above the face, where a herniation bulges back (it read as a 4-7 mm listhesis before)."""
+    img, corners = _spine([dict(tilt=0.0, h_ant=26.0, h_post=26.0) for _ in range(5)], disc_mm=8.0)
+    lp, up = corners["S1"][1], corners["L5"][2]  # the disc's posterior corners, below and above
+    back = (lp - corners["S1"][0]) / np.linalg.norm(lp - corners["S1"][0])
+    # a 5 mm bump over the middle 80 % of the disc's posterior edge, tapering to both corners
+    bump = [lp + f * (up - lp) + h * back for f, h in ((0.1, 0.0), (0.3, 5.0), (0.7, 5.0), (0.9, 0.0))]
+    _fill(img, np.array(bump), lab.DISC_OFFSET + 1)
+    got = _values(measure(img, (PIXEL, PIXEL)).table)
+    assert got[("L5/S1", "herniation_mm")] == pytest.approx(5.0, abs=0.5)
+    assert got[("L5/S1", "listhesis_mm")] == pytest.approx(0.0, abs=0.3)
+
+
+def _coarse(fine: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of k x k blocks of a fine label image (the most common label) and the vertebra and disc
+    class margins (share of the block's pixels in the class minus the largest other class's share), as a
+    segmenter's probabilities would give them."""
+    rows, cols = (s // k * k for s in fine.shape)
+    blocks = (
+        fine[:rows, :cols]
+        .reshape(rows // k, k, cols // k, k)
+        .transpose(0, 2, 1, 3)
+        .reshape(rows // k, cols // k, -1)
+    )
+    values = np.unique(blocks)
+    counts = np.stack([(blocks == v).sum(-1) for v in values])
+    labels = values[counts.argmax(0)]
+    cls = (
+        np.stack(
+            [(counts[(values >= lo) & (values <= hi)]).sum(0) for lo, hi in ((0, 0), (1, 25), (201, 225))]
+        )
+        / k**2
+    )
+    margins = np.stack([cls[c] - np.delete(cls, c, axis=0).max(0) for c in (1, 2)])
+    return labels, margins
+
+
+def test_class_margins_place_edges_between_voxels():
+    """On 1.8 mm voxels the labels round every edge to a voxel; with the segmenter's class margins the
+    edges fall where the classes cross, between voxels (heights and slips to ~0.3 mm)."""
+    bodies = [dict(tilt=t, h_ant=26.0, h_post=26.0) for t in (-5.0, -12.0, -18.0, -24.0, -30.0)]
+    bodies[1]["slip"] = 6.0
+    fine, corners = _spine(bodies, disc_mm=10.0)
+    labels, margins = _coarse(fine, 9)
+    hard = _values(measure(labels, (9 * PIXEL,) * 2).table)
+    soft = _values(measure(labels, (9 * PIXEL,) * 2, margins=margins).table)
+    truth = _values(measure(fine, (PIXEL, PIXEL)).table)
+    keys = [(n, f"{w}_height") for n in lab.LUMBAR for w in ("anterior", "middle", "posterior")]
+    keys += [(lv, "listhesis_mm") for lv in lab.LEVELS]
+    err = lambda got: np.median([abs(got[k] - truth[k]) for k in keys])
+    assert err(soft) <= 0.3 < err(hard)
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """3 patients (7 images) at 192 px (~1.5 mm pixels), with their true masks."""

@@ -65,7 +65,9 @@ def load_segmenter(location, device: str = "auto") -> Segmenter:
     paths = Paths.from_config(cfg)
     folds = list(range(int(cfg.folds.n_folds)))
     models = load_models(cfg, paths, folds, dev)
-    return Segmenter(cfg, [m.eval() for m in models], dev, location, hernia.load_classifiers(cfg, paths, folds, dev))
+    return Segmenter(
+        cfg, [m.eval() for m in models], dev, location, hernia.load_classifiers(cfg, paths, folds, dev)
+    )
 
 
 def canonical_image(volume: np.ndarray, spacing_mm) -> sitk.Image:
@@ -88,7 +90,7 @@ def segment_sagittal(volume: np.ndarray, spacing_mm, segmenter: Segmenter) -> tu
     offsets = channel_offsets(int(sc.context), float(sc.context_mm), float(spacing_mm[0]))
     probs = predict_probs(segmenter.models, grid, offsets, segmenter.device, bool(sc.mirror))
     ref = io.Canonical(np.asarray(volume), tuple(float(s) for s in spacing_mm), img, io.CANONICAL)
-    classes = probs_to_native(probs, ref, grid_mm)
+    classes, _ = probs_to_native(probs, ref, grid_mm)  # the measurements of lumbar stacks use the labels
     return instance_labels(classes, spacing_mm, float(sc.min_mm3), float(sc.max_gap), float(sc.disc_merge_mm))
 
 

@@ -12,14 +12,18 @@ and posterior walls; the body's axis is square to the bisector of the two rims. 
 of the mask along lines square to the endplates (along the axis), 10 % inside the anterior and
 posterior walls and in the middle. The mask is sampled bilinearly along each line and counted where it
 is >= 0.5, so a boundary falls between the last voxel in and the first out (no half-voxel bias); five
-parallel lines 1.5 % of the depth apart are averaged.
+parallel lines 1.5 % of the depth apart are averaged. A predicted mask may come with its class margins
+(``segment.class_margins``): then the 0.5 line runs where the segmenter's class probabilities cross,
+between voxels, rather than on the voxels' own edges (``structure_mask``). Each body's first frame
+comes from the normals of the discs on it (a slipped body sits off its neighbours' centroid line).
 
 Discs: the same three heights along the mean axis of the two bodies; the intervertebral distances
 join the facing corners. Listhesis: the offset of the upper body's posterior-inferior corner from the
 lower body's posterior-superior corner, along the lower endplate (mm and % of its length; positive:
 the upper body is forward). Herniation: the disc's largest protrusion beyond the line joining the two
 posterior corners, and a probability (logistic in mm). The sacrum has no label in SPIDER: S1's
-superior endplate is the lower face of disc 201 (L5/S1).
+superior endplate is the lower face of disc 201 (L5/S1), its posterior corner where that face ends
+(not the disc's end, which a herniation pushes back).
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ def fit_body(mask: np.ndarray, spacing, up: np.ndarray | None = None) -> Quad | 
     principal axis), then turns the frame (three times) so that its posterior axis bisects the two rim
     lines (the endplates), with the centre between the rims at mid depth.
     """
-    rr, cc = np.nonzero(mask)
+    rr, cc = np.nonzero(mask >= 0.5)
     if len(rr) < MIN_PIXELS:
         return None
     spacing = np.asarray(spacing, dtype=np.float64)
@@ -304,15 +308,17 @@ def _heights(sampler: _Sampler, quad: Quad, depth: float, reach: float):
 def _face_of_disc(sampler: _Sampler, upper: Quad, reach: float):
     """S1's superior endplate from the disc under L5 (no sacrum label), as a partial Quad.
 
-    Its line is fitted to the lower ends of rays across the disc that lie on one line; its ends (S1's
-    anterior and posterior corners) are the disc's ends along that line, taken a little above it at
-    several heights and extrapolated down to it (a herniation widens the disc just above the corner,
-    the face line itself is hard to follow to its end on voxels).
+    Its line is fitted to the lower ends of rays across the disc that lie on one line. S1's anterior
+    corner is the disc's end along that line, taken a little above it at several heights and
+    extrapolated down to it (the face line itself is hard to follow to its end on voxels). The posterior
+    corner is where the rays' lower ends leave the line: a herniation bulges the disc's posterior edge
+    above the face, so the disc's end a little above the face lies behind S1's corner by about the
+    herniation's size (an unslipped L5/S1 with a 4-6 mm herniation measured as a 4-7 mm listhesis).
     """
     rr, cc = np.nonzero(sampler.img >= 0.5)
     c0 = np.array([rr.mean(), cc.mean()]) * sampler.spacing  # the disc's centroid
     u, n = upper.u, upper.n
-    ps = np.linspace(-0.75, 0.75, 61) * upper.depth
+    ps = np.linspace(-0.75, 0.75, 121) * upper.depth
     rays = np.array([sampler.ray(c0 + p * n, u, 0.6 * reach) for p in ps])
     ok = np.isfinite(rays[:, 0])
     if ok.sum() < 8:
@@ -339,8 +345,15 @@ def _face_of_disc(sampler: _Sampler, upper: Quad, reach: float):
     if not np.all(np.isfinite(ends)):
         return None
     lo0 = float(np.polyval(np.polyfit(heights, ends[:, 0], 1), 0.0))
-    hi0 = float(np.polyval(np.polyfit(heights, ends[:, 1], 1), 0.0))
-    la, lp = start + lo0 * d, start + hi0 * d
+    la = start + lo0 * d
+    # from the face's middle backwards while the rays' lower ends stay on the line
+    on_face = np.zeros(len(ps), bool)
+    on_face[ok] = np.abs(low - (a + b * ps_ok)) <= tol
+    k = int(np.argmin(np.abs(ps - p_mid)))
+    while k + 1 < len(ps) and on_face[k + 1]:
+        k += 1
+    p_end = ps[k] + 0.5 * (ps[1] - ps[0])
+    lp = c0 + p_end * n + (a + b * p_end) * u
     corners = np.stack([la, lp, lp, la])
     return Quad(centre=(la + lp) / 2, u=up_face, n=d, corners=corners)
 
@@ -348,7 +361,7 @@ def _face_of_disc(sampler: _Sampler, upper: Quad, reach: float):
 def measure_level(disc: np.ndarray, spacing, upper: Quad, lower: Quad | None, hernia_mid_mm: float,
                   hernia_scale_mm: float) -> tuple[dict, Quad | None, list]:  # fmt: skip
     """Measurements of the disc under ``upper`` (``lower``: the body below, None: S1 from the disc)."""
-    rr, _ = np.nonzero(disc)
+    rr, _ = np.nonzero(disc >= 0.5)
     if len(rr) < MIN_PIXELS:
         return {}, None, []
     sampler = _Sampler(disc, spacing)
@@ -474,33 +487,75 @@ def bodies_only(labels2d: np.ndarray, spacing2d) -> np.ndarray:
     return out
 
 
+def _disc_normal(disc: np.ndarray, spacing2d) -> np.ndarray | None:
+    """A disc's upward normal (row, column) on a slice: the short principal axis of its pixels."""
+    rr, cc = np.nonzero(disc)
+    if len(rr) < MIN_PIXELS:
+        return None
+    pts = np.stack([rr, cc], axis=1) * np.asarray(spacing2d)
+    normal = np.linalg.eigh(np.cov((pts - pts.mean(0)).T))[1][:, 0]
+    return -normal if normal[0] > 0 else normal
+
+
 def _spine_directions(labels2d: np.ndarray, spacing2d) -> dict[int, np.ndarray]:
-    """The spine's upward direction (row, column) at each vertebra label: from the centroid of the body
-    below to the one above (one-sided at the ends); none for a lone body."""
+    """The spine's upward direction (row, column) at each vertebra label: the mean normal of the discs
+    under and over it; without either, from the centroid of the body below to the one above (one-sided
+    at the ends); none for a lone body. The discs first: a slipped body sits off the line of its
+    neighbours' centroids (a 22 mm slip tilted that line by ~17 degrees and the body's fit failed), but
+    its endplates, and the discs on them, keep their direction."""
     found = sorted(v for v in np.unique(labels2d).tolist() if lab.is_vertebra(v) or lab.is_partial(v))
     cents = {}
     for v in found:
         rr, cc = np.nonzero(labels2d == v)
         cents[v % lab.PARTIAL_OFFSET] = np.array([rr.mean(), cc.mean()]) * np.asarray(spacing2d)
+    normals = {
+        d - lab.DISC_OFFSET: _disc_normal(labels2d == d, spacing2d)
+        for d in np.unique(labels2d).tolist()
+        if lab.is_disc(d)
+    }
     out = {}
     for v in cents:
+        near = [n for n in (normals.get(v), normals.get(v + 1)) if n is not None]
         above, below = cents.get(v + 1, cents[v]), cents.get(v - 1, cents[v])
-        if not np.allclose(above, below):
+        if near:
+            out[v] = np.mean(near, axis=0)
+        elif not np.allclose(above, below):
             out[v] = above - below
     return out
 
 
+def structure_mask(v: int, labels2d: np.ndarray, bodies2d: np.ndarray, margin2d: np.ndarray | None):
+    """What the measurements sample of structure ``v`` on a slice: its body (``bodies2d``, the labels
+    after ``bodies_only``) as 0 / 1, or with ``margin2d`` (its class's margin, ``segment.class_margins``)
+    0.5 + margin / 2 on the body and the voxels next to it, so the bilinear 0.5 line runs where the
+    classes' probabilities cross, between voxels; next-door voxels of another structure of the same
+    class (or of v's own arch) stay 0."""
+    own = bodies2d == v
+    if margin2d is None:
+        return own
+    count = labels2d % lab.PARTIAL_OFFSET  # vertebrae 1..25, partial ones 101..125, discs 201..225
+    same_class = (count >= 1) & (count <= lab.MAX_COUNT) & ((labels2d > lab.DISC_OFFSET) == lab.is_disc(v))
+    keep = own | (ndimage.binary_dilation(own) & ~same_class)
+    return np.where(keep, np.clip(0.5 + 0.5 * margin2d, 0.0, 1.0), 0.0).astype(np.float32)
+
+
 def measure_slice(labels2d: np.ndarray, spacing2d, n_lumbar: int = 5, hernia_mid_mm: float = 1.5,
-                  hernia_scale_mm: float = 0.5) -> tuple[dict, dict, list, list]:  # fmt: skip
+                  hernia_scale_mm: float = 0.5, margins2d=None) -> tuple[dict, dict, list, list]:  # fmt: skip
     """Measurements of one sagittal slice: ({(structure, measurement): value}, corners mm, lines mm,
-    curve points mm)."""
-    labels2d = bodies_only(labels2d, spacing2d)
+    curve points mm). ``margins2d``: the slice's vertebra and disc class margins, or None (the labels'
+    own voxel edges)."""
+    raw, labels2d = labels2d, bodies_only(labels2d, spacing2d)
+    vert_margin, disc_margin = margins2d if margins2d is not None else (None, None)
+
+    def mask(v: int) -> np.ndarray:
+        return structure_mask(v, raw, labels2d, disc_margin if lab.is_disc(v) else vert_margin)
+
     names = lab.vertebra_names(n_lumbar)
     lumbar = [v for v in range(1, n_lumbar + 1)]  # labels of L{n}..L1 (bottom up)
     quads: dict[int, Quad] = {}
     ups = _spine_directions(labels2d, spacing2d)
     for v in lumbar + [n_lumbar + 1]:  # the body above L1 too (not measured)
-        q = fit_body(labels2d == v, spacing2d, ups.get(v))
+        q = fit_body(mask(v), spacing2d, ups.get(v))
         if q is not None:
             quads[v] = q
     values, corners, lines = {}, {}, []
@@ -526,7 +581,7 @@ def measure_slice(labels2d: np.ndarray, spacing2d, n_lumbar: int = 5, hernia_mid
         if v > 1 and lower is None:
             continue
         level = lab.disc_name(lab.DISC_OFFSET + v, n_lumbar)
-        disc = labels2d == lab.DISC_OFFSET + v
+        disc = mask(lab.DISC_OFFSET + v)
         got, face, ls = measure_level(disc, spacing2d, quads[v], lower, hernia_mid_mm, hernia_scale_mm)
         values.update({(level, k): val for k, val in got.items()})
         lines += [(f"{level} {w}", a, b) for w, a, b in ls]
@@ -548,22 +603,26 @@ def measure_slice(labels2d: np.ndarray, spacing2d, n_lumbar: int = 5, hernia_mid
 
 
 def measure(labels: np.ndarray, spacing_mm, *, n_lumbar: int = 5, hernia_mid_mm: float = 1.5,
-            hernia_scale_mm: float = 0.5, neighbours: int = 1) -> Measurement:  # fmt: skip
+            hernia_scale_mm: float = 0.5, neighbours: int = 1, margins=None) -> Measurement:  # fmt: skip
     """Measure a SPIDER label mask in the canonical orientation (3D, or one 2D sagittal slice).
 
     ``n_lumbar``: lumbar vertebrae in this spine (6 with a transitional L6; the mask's numbering from
     the bottom cannot tell). Values are the median over the mid-sagittal slice and ``neighbours``
-    slices on each side (where measured). Grades are recomputed from the medians.
+    slices on each side (where measured). Grades are recomputed from the medians. ``margins``: for a
+    predicted mask, the vertebra and disc class margins of its voxels (``segment.class_margins``, shape
+    (2, *labels.shape)), which place every edge between voxels (``structure_mask``).
     """
     labels = np.asarray(labels)
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     if labels.ndim == 2:
         labels, spacing = labels[None], np.concatenate([[1.0], spacing])
+        margins = None if margins is None else np.asarray(margins)[:, None]
     mid = mid_sagittal(labels)
     slices = [k for k in range(mid - neighbours, mid + neighbours + 1) if 0 <= k < len(labels)]
     per_slice, geometry = [], None
     for k in slices:
-        got = measure_slice(labels[k], spacing[1:], n_lumbar, hernia_mid_mm, hernia_scale_mm)
+        m2d = None if margins is None else (margins[0][k], margins[1][k])
+        got = measure_slice(labels[k], spacing[1:], n_lumbar, hernia_mid_mm, hernia_scale_mm, m2d)
         per_slice.append(got[0])
         if k == mid:
             geometry = got[1:]
@@ -615,20 +674,20 @@ def measure_kwargs(cfg) -> dict:
     return OmegaConf.to_container(cfg.measure, resolve=True) if cfg.get("measure") else {}
 
 
-def measure_image(labels: np.ndarray, spacing, cfg):
-    """spider_data's measurements of one label array (canonical layout): its ``Measurement`` (table of
-    structure, measurement, value, unit; the points and lines used), or (None, why) when it fails, so
-    one mask the measurements cannot read never loses the other images."""
+def measure_image(labels: np.ndarray, spacing, cfg, margins=None):
+    """spider_data's measurements of one label array (canonical layout; ``margins``: see ``measure``):
+    its ``Measurement`` (table of structure, measurement, value, unit; the points and lines used), or
+    (None, why) when it fails, so one mask the measurements cannot read never loses the other images."""
     try:
-        return measure(labels, spacing, **measure_kwargs(cfg)), ""
+        return measure(labels, spacing, margins=margins, **measure_kwargs(cfg)), ""
     except Exception as e:  # any failure is logged, counted and named in the report
         log.warning("measuring failed: %s: %s", type(e).__name__, e)
         return None, f"measurement failed: {type(e).__name__}: {e}"
 
 
-def measure_table(labels: np.ndarray, spacing, cfg) -> pd.DataFrame:
+def measure_table(labels: np.ndarray, spacing, cfg, margins=None) -> pd.DataFrame:
     """``measure_image``'s table (empty when measuring failed)."""
-    meas, _ = measure_image(labels, spacing, cfg)
+    meas, _ = measure_image(labels, spacing, cfg, margins)
     return (
         meas.table
         if meas is not None

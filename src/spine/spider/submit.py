@@ -100,7 +100,7 @@ def _run_submit(cfg) -> dict:
             failed[row["image"]] = f"unreadable: {row['reason']}"
             continue
         try:
-            img, labels, info = segment_image(
+            img, labels, margins, info = segment_image(
                 models, row, work / "cache", cfg.segment, float(cfg.preprocess.grid_mm), device
             )
             original = io.read_image(Path(row["image_path"]))
@@ -110,11 +110,13 @@ def _run_submit(cfg) -> dict:
             failed[row["image"]] = f"segmentation failed: {type(e).__name__}: {e}"
             continue
         t1 = time.perf_counter()
-        meas, why = measure_image(labels, img.spacing, cfg)
+        meas, why = measure_image(labels, img.spacing, cfg, margins)
         if meas is None:
             failed[row["image"]] = why
         else:
-            meas.table = hernia.classified(meas.table, classifiers, img.array, labels, img.spacing, cfg, device)
+            meas.table = hernia.classified(
+                meas.table, classifiers, img.array, labels, img.spacing, cfg, device
+            )
             measured[row["image"]] = meas.table
         info["measure_seconds"] = round(time.perf_counter() - t1, 3)
         infos[row["image"]] = info
