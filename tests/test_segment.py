@@ -266,12 +266,38 @@ def test_order_counts_confused_vertebrae_down_the_neck():
     for i, lab in enumerate(said):  # piece i on slices 10 i .. 10 i + 7 (a 2-slice gap: the disc)
         labels[10 * i : 10 * i + 8, 1:5, 1:5] = lab
     z = -np.arange(70, dtype=float)  # slice 0 is the top (head)
-    out = order_components(labels, z)
+    out = order_components(labels, z, head=1)
     got = [int(out[10 * i + 3, 2, 2]) for i in range(7)]
     assert got == [1, 2, 3, 4, 5, 6, 7]
-    # the same stack stored feet first: the votes, not the slice order, say where the head is
-    flipped = order_components(labels[::-1].copy(), z)
+    # the same stack stored feet first (slices and positions reversed): the same labels
+    flipped = order_components(labels[::-1].copy(), z[::-1].copy(), head=1)
     assert [int(flipped[69 - (10 * i + 3), 2, 2]) for i in range(7)] == got
+    # positions that grow toward the feet (a slice normal pointing down), and a header that cannot
+    # tell (head 0: the votes decide)
+    assert [int(order_components(labels, -z, head=-1)[10 * i + 3, 2, 2]) for i in range(7)] == got
+    assert [int(order_components(labels, z, head=0)[10 * i + 3, 2, 2]) for i in range(7)] == got
+
+
+def test_the_header_not_the_votes_says_where_the_head_is():
+    """Real-reach CT: the skull base, one large bone piece above C1 that an unsure model calls thorax,
+    outvoted the neck when both directions were tried, and the column was numbered from T1 up. The
+    header's head direction keeps C1..C7 from the top (the skull piece gets no cervical label)."""
+    from spine.cervical.segment import head_direction, order_components
+
+    labels = np.zeros((130, 6, 6), dtype=np.uint8)
+    labels[0:48, 1:5, 1:5] = 8  # the skull base: six vertebrae's worth, voted thorax
+    said = [1, 2, 3, 4, 5, 6, 7]
+    for i, lab in enumerate(said):
+        labels[50 + 10 * i : 58 + 10 * i, 1:5, 1:5] = lab
+    z = -np.arange(130, dtype=float)  # slice 0 is the top (head)
+    assert head_direction([1, 0, 0, 0, 1, 0]) == 1  # axial: the normal is DICOM's +z, the head
+    assert head_direction([1, 0, 0, 0, -1, 0]) == -1
+    assert head_direction([0, 1, 0, 0, 0, -1]) == 0  # sagittal slices: no head direction along them
+    by_votes = order_components(labels, z, head=0)
+    assert int(by_votes[53, 2, 2]) != 1  # both directions tried: the big piece's votes win, wrongly
+    by_header = order_components(labels, z, head=1)
+    assert [int(by_header[50 + 10 * i + 3, 2, 2]) for i in range(7)] == said
+    assert int(by_header[20, 2, 2]) in (0, 8)  # never a cervical label above C1
 
 
 def test_neck_window_cuts_training_volumes_and_is_found_on_the_grid():

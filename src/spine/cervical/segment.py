@@ -295,6 +295,7 @@ class Field:
     stack_cols: np.ndarray
     grid_cols: np.ndarray
     centre: tuple[int, int]  # (row, col) of the field centre on the stack: the overlays' planes
+    head: int = 0  # +1: stack_z grows toward the head, -1: toward the feet, 0: not axial, unknown
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -354,7 +355,16 @@ def study_field(stack: ct.CTStack, geo: StackGeometry, sc, multiple: int, z_rang
         stack_cols=(np.arange(stack.shape[2]) - cc) * scol,
         grid_cols=(np.arange(w) + 0.5 - w / 2) * vx,
         centre=(int(round(cr)), int(round(cc))),
+        head=head_direction(geo.iop[0]),
     )
+
+
+def head_direction(iop) -> int:
+    """+1 when positions along the slice normal grow toward the head, -1 when toward the feet (DICOM's
+    patient z points to the head whatever the scan direction or instance order), 0 when the slices are
+    too far from axial to tell."""
+    up = float(geometry.slice_normal(iop)[2])
+    return int(np.sign(up)) if abs(up) >= 0.5 else 0
 
 
 def multiple_of(sc) -> int:
@@ -710,7 +720,7 @@ def reduce_to_stack(
         labels[k0:k1] = lab.cpu().numpy()
         conf[k0:k1] = (maxp * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     if order:
-        labels = order_components(labels, field.stack_z)
+        labels = order_components(labels, field.stack_z, field.head)
     red = _gather(labels, conf, field, truth)
     if truth is not None:
         red.raw_voxels, red.raw_overlap = raw_vox, raw_overlap
@@ -745,19 +755,23 @@ def _gather(labels: np.ndarray, conf: np.ndarray, field: Field, truth: np.ndarra
 
 ORDER_MIN_PIECE = 0.1  # pieces under this share of the largest keep their labels (fragments)
 ORDER_SKIP_COST = 1.5  # a vertebra missing from the sequence costs this share of the median piece
-ORDER_KEEP = 0.25  # a piece gains this share of its voxels for being labelled at all (it is bone the
-# model calls vertebra): with a model unsure which vertebra it is, counting the pieces then decides
+ORDER_KEEP = 0.25  # a piece gains this share of its voxels (at most of the median piece's) for being
+# labelled at all (it is bone the model calls vertebra): with a model unsure which vertebra it is,
+# counting the pieces then decides; the cap keeps a large piece (the skull base) from taking C1
 
 
-def order_components(labels: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
+def order_components(labels: np.ndarray, z_mm: np.ndarray, head: int = 0) -> np.ndarray:
     """Relabel the labelled pieces (6-connected) of a stack so that C1..C7 and the thorax follow each
     other along the slices: a model that sees a few vertebrae at a time confuses the look-alike C3..C7,
     while bone pieces in a row along the neck can only be counted one way.
 
-    Each piece votes with its voxels' labels; ``sequence_labels`` picks the labels, one per piece in
-    z order (``z_mm``: each slice's position), that keep the most votes under the anatomical order.
-    Both directions along z are tried (which end is the head follows from the votes, not the header).
-    Fragments (under ORDER_MIN_PIECE of the largest piece) keep their voxels' labels.
+    Each piece votes with its voxels' labels; ``sequence_labels`` picks the labels, one per piece from
+    the head down (``z_mm``: each slice's position; ``head``: +1 when z grows toward the head, -1 when
+    toward the feet, as the DICOM header says), that keep the most votes under the anatomical order.
+    With ``head`` 0 (unknown) both directions are tried and the votes decide: on real-reach scans the
+    skull base, voted thorax by an unsure model, made the reversed order win there and numbered the
+    neck from T1 up. Fragments (under ORDER_MIN_PIECE of the largest piece) keep their voxels' labels
+    on the slices that the pieces given the same label reach, and are dropped elsewhere.
     """
     comp, n = ndimage.label(labels > 0)
     if n < 2:
@@ -771,10 +785,13 @@ def order_components(labels: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
         votes += np.bincount((c.astype(np.int64) * N_CLASSES + lab).ravel(), minlength=len(votes))
     votes = votes.reshape(n + 1, N_CLASSES)[1:]
     big = np.flatnonzero(size >= ORDER_MIN_PIECE * size.max())
-    skip = ORDER_SKIP_COST * float(np.median(size[big]))
+    typical = float(np.median(size[big]))
+    skip = ORDER_SKIP_COST * typical
+    keep = ORDER_KEEP * np.minimum(size, typical)  # a piece is at most one vertebra's worth of bone
     best = None
-    for order in (big[np.argsort(-z[big])], big[np.argsort(z[big])]):
-        score, seq = sequence_labels(votes[order] + ORDER_KEEP * size[order, None], skip)
+    down = big[np.argsort(-z[big])]  # head first when z grows toward the head
+    for order in [down, down[::-1]] if head == 0 else [down if head > 0 else down[::-1]]:
+        score, seq = sequence_labels(votes[order] + keep[order, None], skip)
         if best is None or score > best[0]:
             best = (score, order, seq)
     _, order, seq = best
@@ -782,9 +799,15 @@ def order_components(labels: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
     relabel[1 + order] = True
     mapping = np.zeros(n + 1, dtype=np.uint8)
     mapping[1 + order] = seq
+    # a fragment keeps its label only on slices its vertebra's pieces reach: elsewhere a few stray
+    # voxels stretched the vertebra's slice span (stage 03 crops by it) over its neighbours
+    reach = np.zeros((len(labels), N_CLASSES), dtype=bool)
+    for piece, lab in zip(order, seq):
+        if lab:
+            reach[per_slice[:, 1 + piece] > 0, lab] = True
     out = np.empty_like(labels)
     for k, c in enumerate(comp):
-        out[k] = np.where(relabel[c], mapping[c], labels[k])
+        out[k] = np.where(relabel[c], mapping[c], np.where(reach[k][labels[k]], labels[k], 0))
     return out
 
 
