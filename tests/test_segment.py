@@ -278,6 +278,25 @@ def test_order_counts_confused_vertebrae_down_the_neck():
     assert [int(order_components(labels, z, head=0)[10 * i + 3, 2, 2]) for i in range(7)] == got
 
 
+def test_a_vertebra_in_two_pieces_is_counted_once():
+    """At full resolution a vertebra may fall apart into pieces side by side (its halves, or its arch
+    and body) that span the same slices: counted as two, they pushed every vertebra below one down. C1's
+    ring around the dens lies within C2's slices but spans a third of them, and stays apart."""
+    from spine.cervical.segment import order_components
+
+    labels = np.zeros((70, 6, 8), dtype=np.uint8)
+    labels[0:5, 1:5, 1:3] = 1  # C1's ring: within C2's slices (the dens rises into it), a third of them
+    labels[0:15, 1:5, 4:6] = 2  # C2 with its dens
+    for i in range(5):  # C3..C7, each 8 slices and a 2-slice gap, all called the look-alike C4
+        labels[17 + 10 * i : 25 + 10 * i, 1:5, 4:6] = 4
+    labels[17:25, 1:5, 1:3] = 4  # C3's other half beside it, on the same slices
+    z = -np.arange(70, dtype=float)
+    out = order_components(labels, z, head=1)
+    assert int(out[2, 2, 1]) == 1 and int(out[10, 2, 4]) == 2
+    assert int(out[20, 2, 1]) == 3 and int(out[20, 2, 4]) == 3  # both halves C3
+    assert [int(out[17 + 10 * i + 3, 2, 4]) for i in range(5)] == [3, 4, 5, 6, 7]
+
+
 def test_the_header_not_the_votes_says_where_the_head_is():
     """Real-reach CT: the skull base, one large bone piece above C1 that an unsure model calls thorax,
     outvoted the neck when both directions were tried, and the column was numbered from T1 up. The

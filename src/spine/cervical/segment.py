@@ -757,6 +757,7 @@ def _gather(labels: np.ndarray, conf: np.ndarray, field: Field, truth: np.ndarra
 
 
 ORDER_MIN_PIECE = 0.1  # pieces under this share of the largest keep their labels (fragments)
+ORDER_SAME_LEVEL = 0.8  # pieces sharing this share of the longer one's slice range: one level
 ORDER_SKIP_COST = 1.5  # a vertebra missing from the sequence costs this share of the median piece
 ORDER_KEEP = 0.25  # a piece gains this share of its voxels (at most of the median piece's) for being
 # labelled at all (it is bone the model calls vertebra): with a model unsure which vertebra it is,
@@ -788,30 +789,63 @@ def order_components(labels: np.ndarray, z_mm: np.ndarray, head: int = 0) -> np.
         votes += np.bincount((c.astype(np.int64) * N_CLASSES + lab).ravel(), minlength=len(votes))
     votes = votes.reshape(n + 1, N_CLASSES)[1:]
     big = np.flatnonzero(size >= ORDER_MIN_PIECE * size.max())
-    typical = float(np.median(size[big]))
+    units = vertebra_units(per_slice[:, 1 + big], z_mm)  # lists of indices into big
+    u_votes = np.stack([votes[big[u]].sum(0) for u in units])
+    u_size = np.array([size[big[u]].sum() for u in units])
+    u_z = np.array([(z[big[u]] * size[big[u]]).sum() for u in units]) / u_size
+    typical = float(np.median(u_size))
     skip = ORDER_SKIP_COST * typical
-    keep = ORDER_KEEP * np.minimum(size, typical)  # a piece is at most one vertebra's worth of bone
+    keep = ORDER_KEEP * np.minimum(u_size, typical)  # a unit is at most one vertebra's worth of bone
     best = None
-    down = big[np.argsort(-z[big])]  # head first when z grows toward the head
+    down = np.argsort(-u_z)  # head first when z grows toward the head
     for order in [down, down[::-1]] if head == 0 else [down if head > 0 else down[::-1]]:
-        score, seq = sequence_labels(votes[order] + keep[order, None], skip)
+        score, seq = sequence_labels(u_votes[order] + keep[order, None], skip)
         if best is None or score > best[0]:
             best = (score, order, seq)
     _, order, seq = best
     relabel = np.zeros(n + 1, dtype=bool)
-    relabel[1 + order] = True
     mapping = np.zeros(n + 1, dtype=np.uint8)
-    mapping[1 + order] = seq
     # a fragment keeps its label only on slices its vertebra's pieces reach: elsewhere a few stray
     # voxels stretched the vertebra's slice span (stage 03 crops by it) over its neighbours
     reach = np.zeros((len(labels), N_CLASSES), dtype=bool)
-    for piece, lab in zip(order, seq):
+    for unit, lab in zip(order, seq):
+        pieces = big[units[unit]]
+        relabel[1 + pieces], mapping[1 + pieces] = True, lab
         if lab:
-            reach[per_slice[:, 1 + piece] > 0, lab] = True
+            reach[(per_slice[:, 1 + pieces] > 0).any(1), lab] = True
     out = np.empty_like(labels)
     for k, c in enumerate(comp):
         out[k] = np.where(relabel[c], mapping[c], np.where(reach[k][labels[k]], labels[k], 0))
     return out
+
+
+def vertebra_units(per_slice: np.ndarray, z_mm) -> list[list[int]]:
+    """Group bone pieces into levels for the relabelling by order: pieces that span nearly the same
+    slices (sharing at least ORDER_SAME_LEVEL of the longer one's range) lie at one level of the
+    column, one vertebra split at full resolution (a C2 or C3 whose halves or arch part from the body,
+    or bone beside it); counted as two, they pushed every vertebra below them one down. C1's ring
+    around C2's dens lies within C2's slices but spans a third of them: it stays apart.
+
+    ``per_slice``: (slices, pieces) voxel counts. Returns lists of piece indices (joined transitively)."""
+    z = np.asarray(z_mm, dtype=np.float64)
+    spans = [(z[on].min(), z[on].max()) for on in (per_slice > 0).T]
+    unit = list(range(len(spans)))
+
+    def root(i: int) -> int:
+        while unit[i] != i:
+            i = unit[i]
+        return i
+
+    for a in range(len(spans)):
+        for b in range(a + 1, len(spans)):
+            (lo_a, hi_a), (lo_b, hi_b) = spans[a], spans[b]
+            shared = min(hi_a, hi_b) - max(lo_a, lo_b)
+            if shared > 0 and shared >= ORDER_SAME_LEVEL * max(hi_a - lo_a, hi_b - lo_b):
+                unit[root(b)] = root(a)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(spans)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
 
 
 def sequence_labels(votes: np.ndarray, skip_cost: float) -> tuple[float, np.ndarray]:
