@@ -769,9 +769,10 @@ def order_components(labels: np.ndarray, z_mm: np.ndarray, head: int = 0) -> np.
     other along the slices: a model that sees a few vertebrae at a time confuses the look-alike C3..C7,
     while bone pieces in a row along the neck can only be counted one way.
 
-    Each piece votes with its voxels' labels; ``sequence_labels`` picks the labels, one per piece from
-    the head down (``z_mm``: each slice's position; ``head``: +1 when z grows toward the head, -1 when
-    toward the feet, as the DICOM header says), that keep the most votes under the anatomical order.
+    Each piece votes with its voxels' labels, pieces on nearly the same slices together (one level,
+    ``vertebra_units``); ``sequence_labels`` picks the labels, one per level from the head down
+    (``z_mm``: each slice's position; ``head``: +1 when z grows toward the head, -1 when toward the
+    feet, as the DICOM header says), that keep the most votes under the anatomical order.
     With ``head`` 0 (unknown) both directions are tried and the votes decide: on real-reach scans the
     skull base, voted thorax by an unsure model, made the reversed order win there and numbered the
     neck from T1 up. Fragments (under ORDER_MIN_PIECE of the largest piece) keep their voxels' labels
