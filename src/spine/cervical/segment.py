@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from scipy import ndimage
+from scipy.sparse.csgraph import connected_components
 from torch.utils.data import DataLoader, Dataset
 
 from spine.cervical import ct
@@ -829,24 +830,13 @@ def vertebra_units(per_slice: np.ndarray, z_mm) -> list[list[int]]:
 
     ``per_slice``: (slices, pieces) voxel counts. Returns lists of piece indices (joined transitively)."""
     z = np.asarray(z_mm, dtype=np.float64)
-    spans = [(z[on].min(), z[on].max()) for on in (per_slice > 0).T]
-    unit = list(range(len(spans)))
-
-    def root(i: int) -> int:
-        while unit[i] != i:
-            i = unit[i]
-        return i
-
-    for a in range(len(spans)):
-        for b in range(a + 1, len(spans)):
-            (lo_a, hi_a), (lo_b, hi_b) = spans[a], spans[b]
-            shared = min(hi_a, hi_b) - max(lo_a, lo_b)
-            if shared > 0 and shared >= ORDER_SAME_LEVEL * max(hi_a - lo_a, hi_b - lo_b):
-                unit[root(b)] = root(a)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(spans)):
-        groups.setdefault(root(i), []).append(i)
-    return list(groups.values())
+    on = (per_slice > 0).T
+    lo = np.array([z[o].min() for o in on])
+    hi = np.array([z[o].max() for o in on])
+    shared = np.minimum(hi[:, None], hi[None]) - np.maximum(lo[:, None], lo[None])
+    longer = np.maximum((hi - lo)[:, None], (hi - lo)[None])
+    _, unit = connected_components((shared > 0) & (shared >= ORDER_SAME_LEVEL * longer), directed=False)
+    return [np.flatnonzero(unit == u).tolist() for u in range(unit.max() + 1)]
 
 
 def sequence_labels(votes: np.ndarray, skip_cost: float) -> tuple[float, np.ndarray]:

@@ -40,7 +40,7 @@ from spine.core.train.loop import TrainSettings, fit, load_weights
 from spine.core.train.stage import fold_model
 from spine.spider import io
 from spine.spider import labels as lab
-from spine.spider.measure import UNITS, measure_kwargs, mid_sagittal
+from spine.spider.measure import UNITS, disc_frame, measure_kwargs, mid_sagittal
 from spine.spider.preprocess import normalize
 
 log = logging.getLogger(__name__)
@@ -83,18 +83,9 @@ def disc_frames(
     px = np.asarray(spacing, dtype=float)[1:]
     frames = {}
     for d in np.unique(labels[mid]):
-        if not lab.is_disc(d):
-            continue
-        pts = np.argwhere(labels[mid] == d) * px
-        if len(pts) < 3:
-            continue
-        centre = pts.mean(0)
-        _, vecs = np.linalg.eigh((pts - centre).T @ (pts - centre))
-        axis = vecs[:, 1] if vecs[1, 1] >= 0 else -vecs[:, 1]  # long axis, toward posterior (+column)
-        normal = np.array([-axis[1], axis[0]])
-        if normal[0] > 0:  # toward superior (-row)
-            normal = -normal
-        frames[int(d)] = (centre, axis, normal)
+        frame = disc_frame(labels[mid] == d, px) if lab.is_disc(d) else None
+        if frame is not None:
+            frames[int(d)] = frame
     return mid, frames
 
 

@@ -487,14 +487,17 @@ def bodies_only(labels2d: np.ndarray, spacing2d) -> np.ndarray:
     return out
 
 
-def _disc_normal(disc: np.ndarray, spacing2d) -> np.ndarray | None:
-    """A disc's upward normal (row, column) on a slice: the short principal axis of its pixels."""
-    rr, cc = np.nonzero(disc)
-    if len(rr) < MIN_PIXELS:
+def disc_frame(disc: np.ndarray, spacing2d, min_pixels: int = 3):
+    """A disc's (centroid, long axis toward posterior, normal toward superior) in mm (row, column) on a
+    sagittal slice, from the principal axes of its pixels; None under ``min_pixels`` pixels."""
+    pts = np.argwhere(disc) * np.asarray(spacing2d, dtype=float)
+    if len(pts) < min_pixels:
         return None
-    pts = np.stack([rr, cc], axis=1) * np.asarray(spacing2d)
-    normal = np.linalg.eigh(np.cov((pts - pts.mean(0)).T))[1][:, 0]
-    return -normal if normal[0] > 0 else normal
+    centre = pts.mean(0)
+    _, vecs = np.linalg.eigh((pts - centre).T @ (pts - centre))
+    axis = vecs[:, 1] if vecs[1, 1] >= 0 else -vecs[:, 1]  # long axis, toward posterior (+column)
+    normal = np.array([-axis[1], axis[0]])
+    return centre, axis, -normal if normal[0] > 0 else normal  # toward superior (-row)
 
 
 def _spine_directions(labels2d: np.ndarray, spacing2d) -> dict[int, np.ndarray]:
@@ -508,11 +511,8 @@ def _spine_directions(labels2d: np.ndarray, spacing2d) -> dict[int, np.ndarray]:
     for v in found:
         rr, cc = np.nonzero(labels2d == v)
         cents[v % lab.PARTIAL_OFFSET] = np.array([rr.mean(), cc.mean()]) * np.asarray(spacing2d)
-    normals = {
-        d - lab.DISC_OFFSET: _disc_normal(labels2d == d, spacing2d)
-        for d in np.unique(labels2d).tolist()
-        if lab.is_disc(d)
-    }
+    frames = {d: disc_frame(labels2d == d, spacing2d, MIN_PIXELS) for d in np.unique(labels2d).tolist()}
+    normals = {d - lab.DISC_OFFSET: f[2] for d, f in frames.items() if lab.is_disc(d) and f is not None}
     out = {}
     for v in cents:
         near = [n for n in (normals.get(v), normals.get(v + 1)) if n is not None]
